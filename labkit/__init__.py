@@ -1,0 +1,22 @@
+"""labkit: a real distributed-training stack for a course on parallel deep learning.
+
+    import labkit
+    result = labkit.train(labkit.RunConfig(workers=4, sync="allreduce"))
+    run = labkit.launch(labkit.RunConfig(...))   # non-blocking: run.status, run.metrics(), run.stop()
+"""
+
+__version__ = "0.1.0"
+
+# Filling the registries: every model, dataset, backend, sync mode, compressor and
+# launcher is registered when its module is imported, before anything lists choices.
+from . import data, models, parallel  # noqa: E402,F401
+from . import comm  # noqa: E402,F401
+from . import compress  # noqa: E402,F401
+from . import algorithms  # noqa: E402,F401
+from . import launch as _launch_pkg  # noqa: E402
+from .config import ConfigError, RunConfig  # noqa: E402
+from .launch import Run, RunResult, train  # noqa: E402
+
+launch = _launch_pkg.launch
+
+__all__ = ["RunConfig", "ConfigError", "Run", "RunResult", "train", "launch", "__version__"]

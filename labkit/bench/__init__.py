@@ -1,0 +1,27 @@
+"""Benchmarks: ``labkit bench NAME [--json]``.
+
+Each benchmark is a module with ``main(argv) -> int`` that prints a table for people, or
+JSON with ``--json``. Ratios are always against a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "allreduce": ("labkit.bench.allreduce", "allreduce algorithms: time, algbw, busbw, cost model"),
+    "compress": ("labkit.bench.compress", "compressors: throughput, ratio, error"),
+    "modes": ("labkit.bench.modes", "every sync mode on digits: accuracy, time, bytes, comm fraction"),
+}
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    module_name, _ = BENCHMARKS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"labkit: error: bench: {name} is not available in this installation")
+            return 2
+        raise
+    return module.main(argv)

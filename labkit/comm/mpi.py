@@ -1,0 +1,114 @@
+"""Communicator over MPI (mpi4py), sharing memory with torch tensors.
+
+CPU tensors are handed to MPI as NumPy views of their own memory, so nothing is copied.
+MPI calls cannot be cancelled, so every wait is a non-blocking request polled until a
+deadline: a rank stuck on a dead peer raises :class:`PeerError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import Communicator, PeerError
+
+_REDUCIBLE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8}
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def _as_bytes(tensor: torch.Tensor):
+    """A NumPy uint8 view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+class MPICommunicator(Communicator):
+    backend = "mpi"
+
+    def __init__(self, comm=None, timeout: float = 120.0):
+        MPI = _mpi()
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
+
+    def _wait(self, request, op: str):
+        """Poll ``request`` until done; PeerError after ``timeout`` seconds."""
+        MPI = _mpi()
+        status = MPI.Status()
+        deadline = time.monotonic() + self.timeout
+        spins = 0
+        while not request.Test(status):
+            spins += 1
+            if spins > 1000:
+                time.sleep(0.0005)
+            if time.monotonic() > deadline:
+                raise PeerError(f"{op}: no answer from the other ranks in {self.timeout:.0f} s "
+                                "(a rank died or is stuck)")
+        return status
+
+    @staticmethod
+    def _check_cpu(tensor):
+        if tensor.device.type != "cpu":
+            raise ValueError("the mpi backend moves CPU tensors; use --backend nccl for GPU tensors")
+        if not tensor.is_contiguous():
+            raise ValueError("the mpi backend needs contiguous tensors")
+
+    def _send(self, tensor, dst, tag):
+        self._check_cpu(tensor)
+        self._wait(self.comm.Isend(_as_bytes(tensor), dest=dst, tag=tag), "send")
+
+    def _recv(self, tensor, src, tag):
+        self._check_cpu(tensor)
+        MPI = _mpi()
+        source = MPI.ANY_SOURCE if src is None else src
+        status = self._wait(self.comm.Irecv(_as_bytes(tensor), source=source, tag=tag), "recv")
+        return status.Get_source()
+
+    def _allreduce(self, tensor, op):
+        MPI = _mpi()
+        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        self._check_cpu(tensor)
+        if tensor.dtype in _REDUCIBLE:
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, tensor.numpy(), op=mpi_op), "allreduce")
+        else:  # float16 / bfloat16: NumPy or MPI has no such type, reduce in float32
+            wide = tensor.float()
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, wide.numpy(), op=mpi_op), "allreduce")
+            tensor.copy_(wide)
+
+    def _broadcast(self, tensor, src):
+        self._check_cpu(tensor)
+        self._wait(self.comm.Ibcast(_as_bytes(tensor), root=src), "broadcast")
+
+    def _allgather(self, tensor):
+        self._check_cpu(tensor)
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype)
+        self._wait(self.comm.Iallgather(_as_bytes(tensor), _as_bytes(out)), "allgather")
+        return list(out.unbind(0))
+
+    def _barrier(self):
+        self._wait(self.comm.Ibarrier(), "barrier")
+
+    def _new_group(self, ranks):
+        MPI = _mpi()
+        color = 0 if self.rank in ranks else MPI.UNDEFINED
+        sub = self.comm.Split(color, key=self.rank)
+        if sub == MPI.COMM_NULL:
+            return None
+        return MPICommunicator(sub, self.timeout)
+
+    def close(self):
+        MPI = _mpi()
+        if self.comm not in (MPI.COMM_WORLD, MPI.COMM_SELF) and self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+            self.comm = MPI.COMM_NULL
+
+
+def abort(code: int = 1) -> None:
+    """End every rank of the MPI job (used when this rank fails)."""
+    MPI = _mpi()
+    MPI.COMM_WORLD.Abort(code)
+

@@ -1,0 +1,257 @@
+"""Launchers: start the N ranks of a run and watch them until they end.
+
+    run = labkit.launch(RunConfig(workers=4))    # returns at once
+    run.status, run.metrics(), run.wait(), run.stop()
+
+Whatever the launcher (local processes, mpiexec, torchrun, SLURM), the same run
+directory comes out. The :class:`Run` handle watches the ranks from a background
+thread: when a rank dies it stops the others (or, in sync modes that survive the loss
+of a worker, records the loss and goes on) and writes a ``failed`` summary naming the
+rank, so that nothing hangs and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..registry import LAUNCHERS, SYNC_MODES
+from ..runs import RunDir, default_run_dir
+from . import local  # noqa: F401 - registers the launcher
+from .base import signal_name
+
+FAILURE_GRACE_S = 15.0  # how long the other ranks get to notice a dead peer and exit by themselves
+
+
+@dataclass
+class RunResult:
+    """How a run ended: its directory and ``summary.json``."""
+
+    run_dir: Path
+    summary: dict
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "running")
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.summary.get("test_accuracy")
+
+    @property
+    def error(self) -> str | None:
+        return self.summary.get("error")
+
+    def metrics(self, kind: str | None = None) -> list[dict]:
+        return RunDir(self.run_dir).metrics(kind)
+
+    def __repr__(self) -> str:
+        acc = f", test_accuracy={self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
+        err = f", error={self.error!r}" if self.error else ""
+        return f"RunResult({str(self.run_dir)!r}, status={self.status!r}{acc}{err})"
+
+
+class Run:
+    """A run in progress: a handle that never blocks unless asked to."""
+
+    def __init__(self, config, run: RunDir, job):
+        self.config = config
+        self.rundir = run
+        self.job = job
+        self._stop_requested = False
+        self._done = threading.Event()
+        self._lost_workers: set[int] = set()
+        self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
+        self._monitor.start()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rundir.path
+
+    @property
+    def status(self) -> str:
+        return self.rundir.status
+
+    def metrics(self, kind: str | None = None) -> list[dict]:
+        return self.rundir.metrics(kind)
+
+    def summary(self) -> dict | None:
+        return self.rundir.read_summary()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # --- watching ---------------------------------------------------------------------
+    def _watch(self) -> None:
+        survives = SYNC_MODES.entry(self.config.sync).meta.get("survives_worker_loss", False)
+        failed_at = None
+        try:
+            while self.job.poll() is None:
+                if self._stop_requested:
+                    self.job.stop()
+                    break
+                codes = getattr(self.job, "rank_codes", dict)()
+                dead = {r: c for r, c in codes.items() if c not in (None, 0)}
+                for rank in sorted(set(dead) - self._lost_workers):
+                    self._lost_workers.add(rank)
+                    if survives and rank != 0:
+                        self.rundir.append_metrics({
+                            "t": time.time() - self.rundir.read_config()["start_time"], "kind": "event",
+                            "event": "worker_lost", "rank": rank, "detail": signal_name(dead[rank])})
+                    elif failed_at is None:
+                        failed_at = time.monotonic()
+                if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                    self.job.stop()
+                    break
+                time.sleep(0.2)
+        finally:
+            self._finish()
+            self._done.set()
+
+    def _finish(self) -> None:
+        code = self.job.poll()
+        summary = self.rundir.read_summary()
+        if summary and summary.get("status") == "completed" and not self._stop_requested:
+            return
+        meta = self.rundir.read_config()
+        wall = time.time() - meta["start_time"]
+        last_step = max((r.get("step", 0) for r in self.rundir.iter_metrics(kind="train")), default=0)
+        if self._stop_requested:
+            status, error = "stopped", "stopped by request"
+        else:
+            status, error = "failed", self._diagnose(code)
+        ckpt = self.rundir.latest_checkpoint()
+        self.rundir.write_summary({
+            "status": status, "error": error, "steps": last_step, "wall_time_s": wall,
+            "test_accuracy": None, "test_loss": None, "train_loss": None, "samples_per_s": None,
+            "bytes_sent": None, "comm_fraction": None, "world_size": self.config.workers,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "resume_with": f"labkit train --run-dir {self.run_dir} --resume" if ckpt else None,
+        })
+
+    def _diagnose(self, code: int | None) -> str:
+        """One line naming the rank that failed first, and why."""
+        codes = getattr(self.job, "rank_codes", dict)()
+        events = self.rundir.metrics(kind="event")
+        errors = [e for e in events if e.get("event") == "error"]
+        own = [e for e in errors if not e.get("peer_error")]
+        if own:
+            return own[0]["error"]
+        killed = {r: c for r, c in codes.items() if c is not None and c != 0 and c != 1}
+        if killed:
+            rank = min(killed)
+            return f"rank {rank} died ({signal_name(killed[rank])}); see {self.rundir.log_path(rank)}"
+        started = {e["rank"] for e in events if e.get("event") == "started"}
+        finished = {e["rank"] for e in events if e.get("event") in ("finished", "error")}
+        silent = sorted(started - finished)
+        if silent:
+            return (f"rank {silent[0]} died without reporting an error; "
+                    f"see {self.rundir.log_path(silent[0])}")
+        if errors:
+            return errors[0]["error"]
+        logs = self.rundir.log_dir / "launcher.log"
+        where = logs if logs.exists() else self.rundir.log_dir
+        return f"the {self.config.launcher} launcher ended with {signal_name(code or 1)} before the ranks reported; see {where}"
+
+    # --- control ------------------------------------------------------------------------
+    def stop(self, timeout: float = 30.0) -> RunResult:
+        """End every process of the run; the summary says ``stopped``."""
+        if not self._done.is_set():
+            self._stop_requested = True
+            self._done.wait(timeout)
+        return self.result()
+
+    def result(self) -> RunResult:
+        return RunResult(self.run_dir, self.rundir.read_summary() or {"status": "running"})
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> RunResult:
+        """Block until the run ends (or ``timeout`` s); a progress bar with ``progress=True``.
+
+        Interrupting the wait (Ctrl-C, or the notebook's stop button) stops the run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = _ProgressBar(self) if progress else None
+        try:
+            while not self._done.wait(0.25):
+                if bar:
+                    bar.update()
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        except KeyboardInterrupt:
+            self.stop()
+        finally:
+            if bar:
+                bar.update()
+                bar.close()
+        return self.result()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.run_dir} {self.status}>"
+
+
+class _ProgressBar:
+    """A tqdm bar driven by rank 0's training metrics."""
+
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
+
+        from ..data import train_size
+
+        self.run = run
+        total = run.config.total_steps(train_size(run.config.dataset, run.config.data_dir))
+        self.bar = tqdm(total=total, unit="step", desc=f"{run.config.sync} x{run.config.workers}",
+                        dynamic_ncols=True)
+        self.offset = 0
+        self.step = 0
+
+    def update(self):
+        postfix = {}
+        for record, self.offset in self.run.rundir.read_metrics_from(self.offset):
+            if record.get("rank") != 0 or record.get("kind") not in ("train", "eval"):
+                continue
+            if record["kind"] == "train":
+                self.bar.update(max(0, record["step"] - self.step))
+                self.step = max(self.step, record["step"])
+                postfix["loss"] = f"{record['loss']:.3f}"
+            else:
+                postfix["test_acc"] = f"{record['accuracy']:.3f}"
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def prepare_run_dir(config) -> tuple[object, RunDir]:
+    """Create (or, with resume, reopen) the run directory; return the config it will run."""
+    if config.run_dir is None:
+        config = config.replace(run_dir=str(default_run_dir(config.model, config.sync, config.workers)))
+    run = RunDir(config.run_dir)
+    if config.resume:
+        ckpt = run.load_checkpoint()
+        run.truncate_metrics_after(int(ckpt["step"]))
+        kept = run.metrics()
+        t_done = max((r.get("t", 0) for r in kept), default=0.0)
+        run.summary_path.unlink(missing_ok=True)
+        run.update_config(config=config.to_dict(), start_time=time.time() - (t_done if math.isfinite(t_done) else 0),
+                          resumed_at=time.time())
+        run.log_dir.mkdir(exist_ok=True)
+    else:
+        run.create(config.to_dict(), config.workers)
+    return config, run
+
+
+def launch(config) -> Run:
+    """Validate ``config``, start its ranks, and return a :class:`Run` handle at once."""
+    config.validate()
+    config, run = prepare_run_dir(config)
+    job = LAUNCHERS.get(config.launcher)(config, run)
+    return Run(config, run, job)
+
+
+def train(config, progress: bool = True) -> RunResult:
+    """Run ``config`` to the end (a progress bar while it goes) and return its result."""
+    return launch(config).wait(progress=progress)

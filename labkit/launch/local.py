@@ -1,0 +1,49 @@
+"""The local launcher: N worker processes on this machine, rendezvous on 127.0.0.1."""
+
+from __future__ import annotations
+
+from ..registry import LAUNCHERS
+from .base import free_port, kill_group, python, rank_env, spawn
+
+
+class LocalJob:
+    """N ``python -m labkit.worker`` processes, each in its own process group."""
+
+    def __init__(self, config, run):
+        env = rank_env(config, run.path)
+        env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                    "WORLD_SIZE": str(config.workers), "LOCAL_WORLD_SIZE": str(config.workers)})
+        self.procs = []
+        for rank in range(config.workers):
+            env_r = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+            self.procs.append(spawn([python(), "-m", "labkit.worker", str(run.path)], env_r,
+                                    run.log_path(rank)))
+        self.description = f"{config.workers} local processes (pids {', '.join(str(p.pid) for p in self.procs)})"
+
+    def rank_codes(self) -> dict[int, int | None]:
+        return {rank: p.poll() for rank, p in enumerate(self.procs)}
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.procs]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c != 0), 0)
+
+    def stop_rank(self, rank: int) -> None:
+        kill_group(self.procs[rank], grace=2.0)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    import os
+                    import signal
+
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            kill_group(p, grace)
+
+
+LAUNCHERS.register("local", LocalJob, help="N processes on this machine", backends=("gloo", "nccl"))

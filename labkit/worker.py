@@ -1,0 +1,156 @@
+"""What one rank runs: ``python -m labkit.worker RUN_DIR``.
+
+Every launcher (local, mpiexec, torchrun, SLURM) starts N copies of this with the
+environment that ``labkit.comm.init()`` reads. A rank reads the RunConfig from the run
+directory, builds its communicator, data, model and sync mode, trains, and writes its
+metrics to the same run directory. Rank 0 writes ``summary.json`` at the end; a rank that
+fails writes an ``error`` event naming itself and exits with status 1, and the launcher
+turns that into a failed summary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import torch
+
+from . import comm as comm_pkg
+from .algorithms.base import RankContext
+from .config import RunConfig
+from .data import load_dataset
+from .models import build_model, describe
+from .registry import SYNC_MODES
+from .runs import RunDir
+
+
+class Stopped(Exception):
+    """The launcher asked this rank to stop (SIGTERM)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped("stopped by request")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_context(config: RunConfig, comm, run: RunDir, start_time: float) -> RankContext:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LABKIT_LOCAL_WORLD", comm.size)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    device = resolve_device(config.device, comm_pkg.env_local_rank())
+    data = load_dataset(config.dataset, config.data_dir)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
+
+    def make_optimizer(params):
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+
+    compressor = None
+    if config.compression != "none":
+        from .compress import make_compressor
+
+        compressor = make_compressor(config.compression, error_feedback=config.error_feedback,
+                                     **config.compression_params)
+    resume_state = run.load_checkpoint() if config.resume and run.latest_checkpoint() else None
+    return RankContext(
+        comm=comm, model=model, make_optimizer=make_optimizer, data=data, device=device, run=run,
+        batch_size=config.batch_size, seed=config.seed, total_steps=config.total_steps(len(data.y_train)),
+        eval_every=config.eval_every, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, start_time=start_time, compressor=compressor,
+        options=config.to_dict(), resume_state=resume_state)
+
+
+def summarize(ctx: RankContext, results: dict) -> dict:
+    """The summary of a completed run, from the final evaluation and every rank's last metrics."""
+    test_loss, test_acc = ctx.log_eval(ctx.total_steps, ctx.total_steps // ctx.steps_per_epoch,
+                                       results["model"])
+    last = {}
+    for record in ctx.run.iter_metrics(kind="train"):
+        last[record["rank"]] = record
+    wall = ctx.now()
+    samples = sum(r.get("samples", 0) for r in last.values())
+    busy = sum(r.get("compute_s", 0) + r.get("comm_s", 0) + r.get("wait_s", 0) for r in last.values())
+    comm_s = sum(r.get("comm_s", 0) for r in last.values())
+    return {
+        "status": "completed", "test_accuracy": test_acc, "test_loss": test_loss,
+        "train_loss": results.get("train_loss"), "steps": ctx.total_steps, "wall_time_s": wall,
+        "samples_per_s": samples / wall if wall > 0 else None,
+        "bytes_sent": sum(r.get("bytes_sent", 0) for r in last.values()),
+        "comm_fraction": comm_s / busy if busy > 0 else 0.0,
+        "world_size": ctx.world, "ranks_reporting": sorted(last),
+        **{k: v for k, v in results.items() if k not in ("model", "train_loss")},
+    }
+
+
+def run_rank(run_dir: str) -> int:
+    run = RunDir(run_dir)
+    meta = run.read_config()
+    config = RunConfig.from_dict(meta["config"])
+    rank = comm_pkg.env_rank()
+    if os.environ.get("LABKIT_RANK_LOGS") == "1":  # launchers with one output stream for all ranks
+        log = open(run.log_path(rank), "a", buffering=1)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
+    comm = None
+    try:
+        comm = comm_pkg.init(config.backend, config.timeout)
+        ctx = build_context(config, comm, run, meta["start_time"])
+        ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
+        if comm.rank == 0:
+            print(describe(ctx.model, ctx.data.input_shape), flush=True)
+        results = SYNC_MODES.get(config.sync)().run(ctx)
+        ctx.event("finished")
+        comm.barrier()
+        if comm.rank == 0:
+            summary = summarize(ctx, results)
+            run.write_summary(summary)
+            print(f"labkit worker: done, test accuracy {summary['test_accuracy']:.4f}", flush=True)
+        return 0
+    except Stopped:
+        print(f"labkit worker: rank {rank} stopped", flush=True)
+        return 143
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
+        traceback.print_exc()
+        message = f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "error",
+                                "rank": rank, "error": message, "peer_error": isinstance(e, comm_pkg.PeerError),
+                                "host": socket.gethostname(), "pid": os.getpid()})
+        except OSError:
+            pass
+        return 1
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m labkit.worker RUN_DIR", file=sys.stderr)
+        return 2
+    import labkit  # noqa: F401 - fills the registries
+
+    code = run_rank(argv[0])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0 and os.environ.get("LABKIT_BACKEND") == "mpi":
+        os._exit(code)  # do not wait in MPI_Finalize for ranks that will never arrive
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
