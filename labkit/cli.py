@@ -27,6 +27,7 @@ def fail(message: str) -> int:
 
 # --- labkit train ---------------------------------------------------------------------
 GROUP_TITLES = {"model": "what to train", "parallel": "how to run it", "compression": "gradient compression",
+                "sync": "settings of particular sync modes",
                 "optim": "optimization", "run": "the run directory and bookkeeping"}
 
 

@@ -55,6 +55,23 @@ class RunConfig:
         "where each rank computes (auto: cuda when available)", choices=("cpu", "cuda", "auto"), group="parallel"))
     parallelism: str = field(default="data", metadata=_opt("how the work is split", reg.PARALLELISMS, group="parallel"))
     sync: str = field(default="allreduce", metadata=_opt("how the ranks keep their weights in step", reg.SYNC_MODES, group="parallel"))
+    # settings of particular sync modes (ignored by the others)
+    staleness: int = field(default=2, metadata=_opt(
+        "ssp: how many clocks a worker may run ahead of the slowest", group="sync", metavar="S"))
+    sync_every: int = field(default=8, metadata=_opt(
+        "local-sgd: average the models every H steps", group="sync", metavar="H"))
+    rho: float = field(default=1.0, metadata=_opt(
+        "EASGD: strength of the elastic force between workers and center", group="sync"))
+    easgd_variant: int = field(default=1, metadata=_opt(
+        "easgd-sync: 1 tree reduction, 2 data on host / weights on device, 3 overlapped communication",
+        choices=(1, 2, 3), group="sync", metavar="1|2|3"))
+    lock: bool = field(default=False, metadata=_opt(
+        "hogwild: take a lock around every update (the locked baseline)", group="sync"))
+    clients: int = field(default=16, metadata=_opt("fedavg: number of simulated clients", group="sync", metavar="N"))
+    client_fraction: float = field(default=0.5, metadata=_opt(
+        "fedavg: fraction of clients taking part in each round", group="sync"))
+    local_epochs: int = field(default=1, metadata=_opt(
+        "fedavg: epochs each client trains on its own data per round", group="sync"))
     compression: str = field(default="none", metadata=_opt("gradient compression", reg.COMPRESSORS, group="compression"))
     compression_params: dict = field(default_factory=dict, metadata=_opt(
         "compressor parameter, repeatable (see the compressor's defaults)", group="compression", metavar="KEY=VALUE"))
@@ -177,9 +194,14 @@ class RunConfig:
                 r = meta["registry"]
                 raise ConfigError(option, f"unknown {r.kind} {value!r}; choose one of {', '.join(r.names())}")
             if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(option, f"{value!r} is not one of {', '.join(meta['choices'])}")
+                raise ConfigError(option, f"{value!r} is not one of {', '.join(map(str, meta['choices']))}")
 
-        _positive(self, "workers", "lr", "batch_size", "eval_every", "log_every", "timeout")
+        _positive(self, "workers", "lr", "batch_size", "eval_every", "log_every", "timeout",
+                  "sync_every", "rho", "clients", "local_epochs")
+        if self.staleness < 0:
+            raise ConfigError("--staleness", f"must be >= 0, got {self.staleness}")
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError("--client-fraction", f"must be in (0, 1], got {self.client_fraction}")
         _positive(self, "steps", "epochs", allow_none=True)
         if not 0 <= self.momentum < 1:
             raise ConfigError("--momentum", f"must be in [0, 1), got {self.momentum}")
