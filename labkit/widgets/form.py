@@ -1,0 +1,152 @@
+"""The controls of the panel: one widget per RunConfig field, built from ``fields_info()``.
+
+Nothing here lists a choice by hand. A field with choices (a registry such as the sync
+modes or the compressors, or a fixed set such as ``--easgd-variant``) becomes a dropdown
+of exactly those names; a yes/no field becomes a checkbox; every other field becomes a
+text box whose text goes through ``RunConfig.parse_value``, the parser the command line
+uses, so a typo gets the same message in both places. The compressor's parameters are
+rebuilt from its registered defaults whenever the compressor changes, and the settings
+of the sync modes appear only under the modes they belong to.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ipywidgets as w
+
+from .. import registry as reg
+from ..config import ConfigError, RunConfig, fields_info, parse_params
+
+# The fields the panel shows, row by row; every other field keeps the base config's value.
+ROWS = (
+    ("parallelism", "sync", "workers"),
+    ("compression", "error_feedback"),
+    ("launcher", "backend"),
+    ("model", "dataset"),
+    ("lr", "batch_size", "steps"),
+)
+# Fields whose choices come from a registry: their selected entry's help is shown.
+DESCRIBED = {"sync": reg.SYNC_MODES, "compression": reg.COMPRESSORS}
+
+_STYLE = {"description_width": "initial"}
+
+
+def field_widget(info: dict, value) -> w.Widget:
+    """The widget for one field of ``fields_info()``, showing ``value``."""
+    label = info["name"].replace("_", " ")
+    common = {"description": label, "tooltip": f"{info['option']}: {info['help']}", "style": _STYLE}
+    if info["choices"]:
+        return w.Dropdown(options=list(info["choices"]), value=value, **common)
+    if info["type"] is bool:
+        return w.Checkbox(value=bool(value), indent=False, **common)
+    if info["name"] == "workers":
+        return w.IntSlider(value=value, min=1, max=max(8, os.cpu_count() or 1), **common)
+    return w.Text(value="" if value is None else str(value), continuous_update=False,
+                  layout=w.Layout(width="12em"), **common)
+
+
+def widget_value(name: str, widget: w.Widget):
+    """The field value a widget holds (text parsed as the command line would)."""
+    if isinstance(widget, w.Text):
+        return RunConfig.parse_value(name, widget.value)
+    return widget.value
+
+
+def applies_to(sync: str, info: dict) -> bool:
+    """Does a sync-mode setting apply to mode ``sync``?
+
+    The help of every setting starts with the mode (or family of modes) it belongs to,
+    ``"ssp: how many clocks ..."`` or ``"EASGD: strength of ..."``.
+    """
+    modes, sep, _ = info["help"].partition(":")
+    return bool(sep) and modes.strip().lower() in sync.lower()
+
+
+class ConfigForm:
+    """The panel's controls. ``config()`` turns them into a validated RunConfig."""
+
+    def __init__(self, base: RunConfig):
+        self.base = base
+        self.info = {f["name"]: f for f in fields_info()}
+        self.widgets = {name: field_widget(self.info[name], getattr(base, name))
+                        for row in ROWS for name in row}
+        self.sync_settings = {f["name"]: field_widget(f, getattr(base, f["name"]))
+                              for f in self.info.values() if f["group"] == "sync"}
+        self.param_widgets: dict[str, w.Widget] = {}
+        self.params_box = w.HBox()
+        self.settings_box = w.HBox()
+        self.description = w.HTML()
+        self._listeners = []
+        for widget in [*self.widgets.values(), *self.sync_settings.values()]:
+            widget.observe(self._changed, names="value")
+        self._build_params(base.compression_params)
+        self._show_sync_settings()
+        self._describe()
+        parallel, compression, *rest = (w.HBox([self.widgets[name] for name in row]) for row in ROWS)
+        self.box = w.VBox([parallel, self.settings_box, compression, self.params_box, *rest,
+                           self.description])
+
+    # --- events ----------------------------------------------------------------------------
+    def on_change(self, callback) -> None:
+        """Call ``callback()`` whenever any control changes."""
+        self._listeners.append(callback)
+
+    def _changed(self, change) -> None:
+        if change["owner"] is self.widgets["compression"]:
+            self._build_params({})
+        if change["owner"] is self.widgets["sync"]:
+            self._show_sync_settings()
+        self._describe()
+        for callback in self._listeners:
+            callback()
+
+    def _build_params(self, values: dict) -> None:
+        """One control per parameter of the selected compressor, at its registered default."""
+        compressor = self.widgets["compression"].value
+        defaults = reg.COMPRESSORS.entry(compressor).meta.get("params", {})
+        self.param_widgets = {}
+        for key, default in defaults.items():
+            value = values.get(key, default)
+            info = {"name": key, "option": "--compression-param", "type": type(default),
+                    "help": f"{compressor}'s {key} (default {default!r})", "choices": ()}
+            self.param_widgets[key] = field_widget(info, value)
+            self.param_widgets[key].observe(self._changed, names="value")
+        self.params_box.children = list(self.param_widgets.values())
+
+    def _show_sync_settings(self) -> None:
+        sync = self.widgets["sync"].value
+        self.settings_box.children = [widget for name, widget in self.sync_settings.items()
+                                      if applies_to(sync, self.info[name])]
+
+    def _describe(self) -> None:
+        lines = [f"<b>{name}</b> {self.widgets[name].value}: {registry.entry(self.widgets[name].value).help}"
+                 for name, registry in DESCRIBED.items()]
+        self.description.value = "<br>".join(lines)
+
+    # --- the config ------------------------------------------------------------------------
+    def compression_params(self) -> dict:
+        params = {}
+        for key, widget in self.param_widgets.items():
+            if isinstance(widget, w.Text):
+                params.update(parse_params([f"{key}={widget.value}"]))
+            else:
+                params[key] = widget.value
+        return params
+
+    def config(self) -> RunConfig:
+        """The RunConfig the controls describe, validated; ConfigError when it is not valid."""
+        values = {name: widget_value(name, widget) for name, widget in self.widgets.items()}
+        values.update({name: widget_value(name, widget) for name, widget in self.sync_settings.items()
+                       if widget in self.settings_box.children})
+        values["compression_params"] = self.compression_params()
+        if values["steps"] is not None:
+            values["epochs"] = None  # the panel counts in steps
+        return self.base.replace(**values).validate()
+
+    def problem(self) -> ConfigError | None:
+        try:
+            self.config()
+        except ConfigError as error:
+            return error
+        return None
