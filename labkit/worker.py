@@ -23,6 +23,7 @@ from . import comm as comm_pkg
 from .algorithms.base import RankContext
 from .config import RunConfig
 from .data import load_dataset
+from .launch.base import die_with_parent
 from .models import build_model, describe
 from .registry import SYNC_MODES
 from .runs import RunDir
@@ -103,6 +104,8 @@ def run_rank(run_dir: str) -> int:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if os.environ.get("LABKIT_DIE_WITH_PARENT") == "1":
+        die_with_parent()  # if the launcher process dies, so does this rank: nothing is left behind
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
     comm = None
     try:
@@ -121,6 +124,11 @@ def run_rank(run_dir: str) -> int:
         return 0
     except Stopped:
         print(f"labkit worker: rank {rank} stopped", flush=True)
+        try:
+            run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "stopped",
+                                "rank": rank, "pid": os.getpid()})
+        except OSError:
+            pass
         return 143
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
         traceback.print_exc()

@@ -112,7 +112,7 @@ class RankContext:
             loss = self.loss_fn(out, y)
             loss.backward()
             correct = int((out.argmax(1) == y).sum())
-        return float(loss), correct
+        return float(loss.detach()), correct
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: int = 1024) -> tuple[float, float]:

@@ -13,6 +13,7 @@ rank, so that nothing hangs and nothing is left running.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..registry import LAUNCHERS, SYNC_MODES
 from ..runs import RunDir, default_run_dir
-from . import local  # noqa: F401 - registers the launcher
+from . import local, mpi, slurm, torchrun  # noqa: F401 - register the launchers
 from .base import signal_name
 
 FAILURE_GRACE_S = 15.0  # how long the other ranks get to notice a dead peer and exit by themselves
@@ -64,6 +65,8 @@ class Run:
         self._stop_requested = False
         self._done = threading.Event()
         self._lost_workers: set[int] = set()
+        self._ranks = _RankWatch(run)
+        self._first_failure: tuple[int, str] | None = None
         self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
         self._monitor.start()
 
@@ -93,23 +96,33 @@ class Run:
                 if self._stop_requested:
                     self.job.stop()
                     break
-                codes = getattr(self.job, "rank_codes", dict)()
-                dead = {r: c for r, c in codes.items() if c not in (None, 0)}
-                for rank in sorted(set(dead) - self._lost_workers):
-                    self._lost_workers.add(rank)
+                for rank, detail in self._newly_dead():
                     if survives and rank != 0:
                         self.rundir.append_metrics({
                             "t": time.time() - self.rundir.read_config()["start_time"], "kind": "event",
-                            "event": "worker_lost", "rank": rank, "detail": signal_name(dead[rank])})
+                            "event": "worker_lost", "rank": rank, "detail": detail})
                     elif failed_at is None:
                         failed_at = time.monotonic()
+                        self._first_failure = (rank, detail)
                 if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-                    self.job.stop()
+                    self.job.stop()  # the others did not notice by themselves: end them
                     break
-                time.sleep(0.2)
+                time.sleep(0.1)
         finally:
             self._finish()
             self._done.set()
+
+    def _newly_dead(self) -> list[tuple[int, str]]:
+        """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
+        dead = {}
+        for rank, code in getattr(self.job, "rank_codes", dict)().items():
+            if code not in (None, 0):
+                dead[rank] = signal_name(code)
+        for rank in self._ranks.poll():
+            dead.setdefault(rank, "its process vanished")
+        new = [(r, d) for r, d in sorted(dead.items()) if r not in self._lost_workers]
+        self._lost_workers.update(r for r, _ in new)
+        return new
 
     def _finish(self) -> None:
         code = self.job.poll()
@@ -134,27 +147,25 @@ class Run:
 
     def _diagnose(self, code: int | None) -> str:
         """One line naming the rank that failed first, and why."""
-        codes = getattr(self.job, "rank_codes", dict)()
         events = self.rundir.metrics(kind="event")
         errors = [e for e in events if e.get("event") == "error"]
         own = [e for e in errors if not e.get("peer_error")]
         if own:
             return own[0]["error"]
-        killed = {r: c for r, c in codes.items() if c is not None and c != 0 and c != 1}
-        if killed:
-            rank = min(killed)
-            return f"rank {rank} died ({signal_name(killed[rank])}); see {self.rundir.log_path(rank)}"
+        if self._first_failure is not None:
+            rank, detail = self._first_failure
+            return f"rank {rank} died ({detail}); see {self.rundir.log_path(rank)}"
         started = {e["rank"] for e in events if e.get("event") == "started"}
-        finished = {e["rank"] for e in events if e.get("event") in ("finished", "error")}
-        silent = sorted(started - finished)
+        ended = {e["rank"] for e in events if e.get("event") in ("finished", "error", "stopped")}
+        silent = sorted(started - ended)
         if silent:
-            return (f"rank {silent[0]} died without reporting an error; "
-                    f"see {self.rundir.log_path(silent[0])}")
+            return f"rank {silent[0]} died without reporting an error; see {self.rundir.log_path(silent[0])}"
         if errors:
             return errors[0]["error"]
         logs = self.rundir.log_dir / "launcher.log"
         where = logs if logs.exists() else self.rundir.log_dir
-        return f"the {self.config.launcher} launcher ended with {signal_name(code or 1)} before the ranks reported; see {where}"
+        return (f"the {self.config.launcher} launcher ended with {signal_name(code or 1)} "
+                f"before the ranks reported; see {where}")
 
     # --- control ------------------------------------------------------------------------
     def stop(self, timeout: float = 30.0) -> RunResult:
@@ -192,6 +203,43 @@ class Run:
         return f"<Run {self.run_dir} {self.status}>"
 
 
+class _RankWatch:
+    """Follows the ranks' pids (from their ``started`` events) on this host.
+
+    Under mpiexec or torchrun the launcher ends all ranks when one dies; the first rank
+    whose process disappeared without a ``finished``/``error``/``stopped`` event is the
+    one that died.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.offset = 0
+        self.pids: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.host = socket.gethostname()
+
+    def poll(self) -> list[int]:
+        """Ranks whose process vanished (since they started) without saying goodbye."""
+        for record, offset in self.run.read_metrics_from(self.offset):
+            self.offset = offset
+            if record.get("kind") != "event":
+                continue
+            if record.get("event") == "started" and record.get("host") == self.host:
+                self.pids[record["rank"]] = record["pid"]
+            elif record.get("event") in ("finished", "error", "stopped"):
+                self.ended.add(record["rank"])
+        return [rank for rank, pid in sorted(self.pids.items())
+                if rank not in self.ended and not _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 class _ProgressBar:
     """A tqdm bar driven by rank 0's training metrics."""
 
@@ -209,7 +257,8 @@ class _ProgressBar:
 
     def update(self):
         postfix = {}
-        for record, self.offset in self.run.rundir.read_metrics_from(self.offset):
+        for record, offset in self.run.rundir.read_metrics_from(self.offset):
+            self.offset = offset
             if record.get("rank") != 0 or record.get("kind") not in ("train", "eval"):
                 continue
             if record["kind"] == "train":

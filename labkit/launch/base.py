@@ -13,7 +13,8 @@ import time
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent():  # runs in the child between fork and exec
+def die_with_parent():
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
@@ -30,7 +31,7 @@ def spawn(cmd: list[str], env: dict, log_path, cwd=None) -> subprocess.Popen:
     try:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=die_with_parent if sys.platform == "linux" else None)
     finally:
         log.close()
 
