@@ -10,6 +10,7 @@ are fixed by hand: a layout engine would triple the time of a redraw.
 
 from __future__ import annotations
 
+import bisect
 import io
 from collections import defaultdict
 
@@ -71,13 +72,16 @@ class RunMetrics:
             totals.append(sum(latest.values()))
         return times, totals
 
-    def throughput(self) -> tuple[list, list]:
-        """Samples per second over all ranks, as a moving rate over one round of logging."""
+    def throughput(self, window_s: float = 1.0) -> tuple[list, list]:
+        """Samples per second over all ranks, averaged over the last ``window_s`` seconds."""
         times, samples = self.totals("samples")
-        window = max(1, len({r["rank"] for r in self.train}))
-        points = [(t, (samples[i] - samples[i - window]) / (t - times[i - window]))
-                  for i, t in enumerate(times) if i >= window and t > times[i - window]]
-        return [t for t, _ in points], [rate for _, rate in points]
+        points_t, rates = [], []
+        for i, t in enumerate(times):
+            j = bisect.bisect_left(times, t - window_s)
+            if t - times[j] >= window_s / 2:
+                points_t.append(t)
+                rates.append((samples[i] - samples[j]) / (t - times[j]))
+        return points_t, rates
 
     def rank_times(self) -> dict[int, dict]:
         """Each rank's latest record (its cumulative compute, communication and waiting time)."""
