@@ -131,26 +131,21 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .bench.runs import fmt, print_table
     from .runs import RunDir
 
-    lines = []
+    rows = []
     for path in args.run_dirs:
-        run = RunDir(path)
         if not Path(path, "config.json").is_file():
             return fail(f"show: {path} is not a labkit run directory (no config.json)")
+        run = RunDir(path)
         s = run.read_summary() or {"status": "running"}
         cfg = run.read_config()["config"]
-
-        def fmt(v, spec):
-            return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-        lines.append((path, cfg["sync"], cfg["compression"], str(cfg["workers"]), s["status"],
-                      fmt(s.get("test_accuracy"), ".4f"), fmt(s.get("wall_time_s"), ".1f"),
-                      fmt(s.get("bytes_sent"), ",d"), fmt(s.get("comm_fraction"), ".2f")))
-    header = ("run", "sync", "compression", "workers", "status", "test_acc", "wall_s", "bytes_sent", "comm_frac")
-    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
-    for row in [header, *lines]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        rows.append([path, cfg["sync"], cfg["compression"], str(cfg["workers"]), s["status"],
+                     fmt(s.get("test_accuracy"), ".4f"), fmt(s.get("wall_time_s"), ".1f"),
+                     fmt(s.get("bytes_sent"), ",d"), fmt(s.get("comm_fraction"), ".2f")])
+    print_table(["run", "sync", "compression", "workers", "status", "test_acc", "wall_s", "bytes_sent",
+                 "comm_frac"], rows)
     return 0
 
 

@@ -9,8 +9,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from labkit.data import (DataError, batches_per_epoch, check_data_dir, load_dataset, make_synthetic,
-                         read_idx, shard_indices, train_size)
+from labkit.data import (
+    DataError,
+    batches_per_epoch,
+    check_data_dir,
+    load_dataset,
+    make_synthetic,
+    read_idx,
+    shard_indices,
+    train_size,
+)
 from labkit.models import build_model, flops_per_sample, parameter_count
 
 
