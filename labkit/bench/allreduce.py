@@ -1,0 +1,316 @@
+"""``labkit bench allreduce``: allreduce algorithms side by side, in the manner of nccl-tests.
+
+    labkit bench allreduce [-n 4] [--min-bytes 4K] [--max-bytes 64M] [--factor 4]
+                           [--iters 20] [--backend gloo] [--json]
+
+It starts N ranks on this machine twice. First on ``--backend`` (gloo): labkit's
+hand-written ring, tree, recursive-doubling and parameter-server allreduces
+(:mod:`labkit.comm.collectives`) and the library's ``comm.allreduce``
+(torch.distributed). Then under mpiexec with the mpi backend: MPI_Allreduce (mpich).
+For every algorithm and message size S (float32, sum):
+
+- time: the mean of ``--iters`` back-to-back calls after a warm-up (fewer calls when
+  they are slow, so that one measurement takes about a second), on the slowest rank;
+- algbw = S / time, and busbw = algbw * 2(N-1)/N, the bandwidth each rank's link
+  sustains in an optimal (ring) allreduce: it can be compared across N and with a link's
+  bandwidth (nccl-tests, doc/PERFORMANCE.md);
+- model: the alpha-beta prediction of :mod:`labkit.comm.costmodel`, with alpha and beta
+  fitted on a ping-pong (1 KB to 16 MB) between ranks 0 and 1 of the same launch;
+- check: each algorithm's result is compared with the exact sum once per size.
+
+The ceiling line is the bandwidth of one large ``torch`` ``copy_`` in this process:
+whatever the ranks exchange on one machine is copied through memory at least once.
+
+Run as ``python -m labkit.bench.allreduce OUT.json ...`` this module is one rank of the
+benchmark (what the launches above start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from ..comm import collectives, mpiexec_path
+from ..comm.costmodel import fit_alpha_beta, predict
+from ..launch.base import free_port, kill_group, spawn
+
+# name in the table -> (function of (comm, tensor), cost-model collective)
+HAND_WRITTEN = {
+    "labkit-ring": (collectives.ring_allreduce, "ring"),
+    "labkit-tree": (collectives.tree_allreduce, "tree"),
+    "labkit-recursive-doubling": (collectives.recursive_doubling_allreduce, "recursive_doubling"),
+    "labkit-ps": (collectives.ps_allreduce, "parameter_server"),
+}
+LIBRARY_NAMES = {"gloo": "torch.distributed", "mpi": "MPI_Allreduce"}
+PROGRESS = "labkit-bench-progress"
+MEASUREMENT_BUDGET_S = 1.0
+PING_PONG_SIZES = [4**k for k in range(5, 13)]  # 1 KB to 16 MB, whatever sizes are benchmarked
+COPY_BYTES = 256 * 2**20
+LAUNCH_TIMEOUT_S = 900
+
+
+def library_allreduce(comm, tensor):
+    return comm.allreduce(tensor)
+
+
+def algorithm(name: str):
+    """(function, cost-model collective) of a row name."""
+    if name in HAND_WRITTEN:
+        return HAND_WRITTEN[name]
+    return library_allreduce, "library"
+
+
+# --- one rank ---------------------------------------------------------------------------
+def slowest(comm, seconds: float) -> float:
+    """The largest of every rank's ``seconds``."""
+    value = torch.tensor([seconds], dtype=torch.float64)
+    return float(comm.allreduce(value, op="max"))
+
+
+def time_allreduce(comm, function, buffer: torch.Tensor, max_iters: int) -> tuple[float, int]:
+    """Mean seconds per call on the slowest rank, and the number of timed calls."""
+    function(comm, buffer)  # warm-up: first-touch of buffers, connections
+    comm.barrier()
+    start = time.perf_counter()
+    function(comm, buffer)
+    first = slowest(comm, time.perf_counter() - start)
+    iters = max(1, min(max_iters, int(MEASUREMENT_BUDGET_S / first)))  # the same on every rank
+    comm.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        function(comm, buffer)
+    return slowest(comm, (time.perf_counter() - start) / iters), iters
+
+
+def validate(comm, function, count: int) -> bool:
+    """One call on rank-dependent whole numbers; True on every rank iff all got the exact sum."""
+    pattern = (torch.arange(count, dtype=torch.int32) % 5).float()
+    data = pattern + comm.rank
+    function(comm, data)
+    n = comm.size
+    ok = torch.equal(data, pattern * n + n * (n - 1) / 2)
+    flag = torch.tensor([1.0 if ok else 0.0])
+    return bool(comm.allreduce(flag, op="min") == 1.0)
+
+
+def rank_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labkit.bench.allreduce")
+    parser.add_argument("out", help="where rank 0 writes the results (JSON)")
+    parser.add_argument("--sizes", required=True, help="comma-separated message sizes in bytes")
+    parser.add_argument("--algorithms", required=True, help="comma-separated row names")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    names = args.algorithms.split(",")
+
+    import labkit.comm
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    comm = labkit.comm.init()
+    alpha, beta = fit_alpha_beta(comm, PING_PONG_SIZES)
+    rows = []
+    for size in sizes:
+        buffer = torch.zeros(size // 4)
+        for name in names:
+            function, collective = algorithm(name)
+            seconds, iters = time_allreduce(comm, function, buffer, args.iters)
+            rows.append({"algorithm": name, "bytes": size, "time_us": seconds * 1e6,
+                         "model_us": predict(collective, size, comm.size, alpha, beta) * 1e6,
+                         "iters": iters, "valid": validate(comm, function, size // 4)})
+            if comm.rank == 0:
+                print(PROGRESS, name, size, flush=True)
+    if comm.rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"backend": comm.backend, "world_size": comm.size, "alpha_s": alpha,
+                       "beta_s_per_byte": beta, "rows": rows}, f)
+    comm.barrier()
+    comm.close()
+    return 0
+
+
+# --- the benchmark -------------------------------------------------------------------------
+class BenchError(RuntimeError):
+    """A launch of the benchmark's ranks failed."""
+
+
+def parse_bytes(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '1G', or a plain number of bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 4K, 64M)") from None
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def size_range(smallest: int, largest: int, factor: int) -> list[int]:
+    sizes, size = [], smallest
+    while size <= largest:
+        sizes.append(size)
+        size *= factor
+    return sizes
+
+
+def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on ``nbytes`` (median of ``repeats``)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def run_ranks(n: int, backend: str, names: list[str], sizes: list[int], iters: int,
+              progress) -> dict:
+    """Start the ranks (local processes for gloo, mpiexec for mpi); return rank 0's results."""
+    workdir = tempfile.mkdtemp(prefix="labkit-bench-allreduce-")
+    out = os.path.join(workdir, "results.json")
+    command = [sys.executable, "-m", "labkit.bench.allreduce", out, "--sizes", ",".join(map(str, sizes)),
+               "--algorithms", ",".join(names), "--iters", str(iters)]
+    env = dict(os.environ, LABKIT_BACKEND=backend, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if backend == "mpi":
+        logs = [os.path.join(workdir, "mpiexec.log")]
+        procs = [spawn([mpiexec_path() or "mpiexec", "-n", str(n), *command], env, logs[0])]
+    else:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(n))
+        logs = [os.path.join(workdir, f"rank-{r}.log") for r in range(n)]
+        procs = [spawn(command, dict(env, RANK=str(r), LOCAL_RANK=str(r)), logs[r]) for r in range(n)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    seen = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            with open(logs[0], errors="replace") as f:
+                done = sum(line.startswith(PROGRESS) for line in f)
+            if done > seen:
+                progress.update(done - seen)
+                seen = done
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                why = f"exit status {failed[0]}" if failed else f"no result after {LAUNCH_TIMEOUT_S} s"
+                with open(logs[-1], errors="replace") as f:
+                    tail = "".join(f.readlines()[-15:])
+                raise BenchError(f"{backend} ranks failed ({why}); logs in {workdir}:\n{tail}")
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_group(p, grace=2.0)
+    with open(out) as f:
+        result = json.load(f)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def add_bandwidths(row: dict, n: int) -> dict:
+    seconds = row["time_us"] / 1e6
+    algbw = row["bytes"] / seconds / 1e9
+    return dict(row, algbw_gbps=algbw, busbw_gbps=algbw * 2 * (n - 1) / n,
+                model_ratio=row["time_us"] / row["model_us"])
+
+
+def format_table(report: dict) -> str:
+    n = report["world_size"]
+    lines = [f"# labkit bench allreduce: {n} ranks on this machine ({os.cpu_count()} cores), "
+             f"float32 sum",
+             f"# memory-copy ceiling: {report['copy_gbps']:.2f} GB/s (torch copy_ of "
+             f"{human_bytes(COPY_BYTES)})"]
+    for launch in report["launches"]:
+        lines.append(f"# {launch['backend']}: alpha = {launch['alpha_s'] * 1e6:.1f} us, "
+                     f"beta = {launch['beta_s_per_byte'] * 1e9:.3f} ns/B "
+                     f"({1e-9 / launch['beta_s_per_byte']:.2f} GB/s), "
+                     f"from a ping-pong between ranks 0 and 1")
+    header = (f"#{'size':>9} {'time(us)':>11} {'model(us)':>11} {'time/model':>10} "
+              f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'iters':>5}  check")
+    names = list(dict.fromkeys(row["algorithm"] for row in report["rows"]))
+    for name in names:
+        rows = [row for row in report["rows"] if row["algorithm"] == name]
+        lines += ["#", f"# {name} ({rows[0]['backend']}; model: {algorithm(name)[1]})", header]
+        for row in rows:
+            lines.append(f"{human_bytes(row['bytes']):>10} {row['time_us']:>11.1f} {row['model_us']:>11.1f} "
+                         f"{row['model_ratio']:>10.2f} {row['algbw_gbps']:>11.3f} "
+                         f"{row['busbw_gbps']:>11.3f} {row['iters']:>5}  "
+                         f"{'ok' if row['valid'] else 'WRONG'}")
+    largest = max(row["bytes"] for row in report["rows"])
+    lines += ["#", f"# at {human_bytes(largest)}: busbw and the model's error over all sizes "
+              "(worst of time/model and model/time)"]
+    for name in names:
+        rows = [row for row in report["rows"] if row["algorithm"] == name]
+        busbw = next(row["busbw_gbps"] for row in rows if row["bytes"] == largest)
+        worst = max(max(row["model_ratio"], 1 / row["model_ratio"]) for row in rows)
+        lines.append(f"#   {name:<27} busbw {busbw:7.3f} GB/s   model within {worst:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    from ..cli import Parser
+
+    parser = Parser(prog="labkit bench allreduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=4, help="number of ranks (default 4)")
+    parser.add_argument("--min-bytes", type=parse_bytes, default="4K", help="smallest message (default 4K)")
+    parser.add_argument("--max-bytes", type=parse_bytes, default="64M", help="largest message (default 64M)")
+    parser.add_argument("--factor", type=int, default=4, help="ratio of successive sizes (default 4)")
+    parser.add_argument("--iters", type=int, default=20,
+                        help="timed calls per measurement, fewer for slow ones (default 20)")
+    parser.add_argument("--backend", choices=["gloo", "mpi"], default="gloo",
+                        help="backend of the hand-written algorithms (default gloo)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.n < 2:
+        parser.error("-n: an allreduce benchmark needs at least 2 ranks")
+    if args.min_bytes < 4 or args.min_bytes % 4 or args.max_bytes < args.min_bytes:
+        parser.error("--min-bytes must be a multiple of 4 (float32) and at most --max-bytes")
+    if args.factor < 2 or args.iters < 1:
+        parser.error("--factor must be >= 2 and --iters >= 1")
+    sizes = [s for s in size_range(args.min_bytes, args.max_bytes, args.factor) if s % 4 == 0]
+
+    launches = [(args.backend, [*HAND_WRITTEN, LIBRARY_NAMES[args.backend]])]
+    if args.backend != "mpi":
+        if mpiexec_path():
+            launches.append(("mpi", [LIBRARY_NAMES["mpi"]]))
+        else:
+            print("labkit: bench allreduce: no mpiexec found, MPI_Allreduce is left out", file=sys.stderr)
+
+    report = {"world_size": args.n, "dtype": "float32", "copy_gbps": copy_bandwidth() / 1e9,
+              "launches": [], "rows": []}
+    total = len(sizes) * sum(len(names) for _, names in launches)
+    with tqdm(total=total, desc="allreduce", unit="measurement", file=sys.stderr) as progress:
+        for backend, names in launches:
+            try:
+                result = run_ranks(args.n, backend, names, sizes, args.iters, progress)
+            except BenchError as e:
+                print(f"labkit: bench allreduce: {e}", file=sys.stderr)
+                return 1
+            report["launches"].append({key: result[key] for key in ("backend", "alpha_s", "beta_s_per_byte")})
+            report["rows"] += [dict(add_bandwidths(row, args.n), backend=backend) for row in result["rows"]]
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0 if all(row["valid"] for row in report["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(sys.argv[1:]))
