@@ -7,7 +7,9 @@ import pytest
 
 from labkit.config import fields_info
 from labkit.registry import COMPRESSORS, SYNC_MODES, Entry
-from labkit.widgets import ControlPanel
+from labkit.runs import RunDir
+from labkit.widgets import ControlPanel, RunMetrics
+from labkit.widgets.plots import learning_png, system_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +25,7 @@ def tick_until(panel, condition, timeout):
     while not condition():
         assert time.monotonic() < deadline, f"timed out; status: {panel.status.value}"
         panel.tick()
-        time.sleep(0.2)
+        time.sleep(0.5)
 
 
 def small_panel(runs_dir, steps):
@@ -95,6 +97,35 @@ def test_panel_is_inert_until_start(tmp_path):
     assert not (tmp_path / "runs").exists()
     png(panel.plots.learning)
     assert "Runs you start appear here" in panel.table.widget.value
+
+
+def test_run_metrics_read_incrementally_and_summarize_the_ranks(tmp_path):
+    run = RunDir(tmp_path)
+    metrics = RunMetrics(tmp_path)
+    assert not metrics.update()
+    # two ranks log every 10 steps, every half second, rank 1 a quarter second after rank 0
+    for k in range(1, 11):
+        for rank in (0, 1):
+            run.append_metrics({"t": 0.5 * k + 0.25 * rank, "step": 10 * k, "rank": rank, "kind": "train",
+                                "loss": 1.0 / k + rank, "accuracy": 0.5, "samples": 320 * k,
+                                "bytes_sent": 1000 * k, "compute_s": 0.1 * k, "comm_s": 0.2 * k,
+                                "wait_s": 0.05 * k * rank})
+        if k % 5 == 0:
+            run.append_metrics({"t": 0.5 * k + 0.3, "step": 10 * k, "rank": 0, "kind": "eval",
+                                "loss": 0.3, "accuracy": 0.9})
+        assert metrics.update()
+    assert not metrics.update()
+    assert metrics.last_step == 100
+    steps, times, losses = metrics.train_curve("loss")
+    assert steps == list(range(10, 101, 10)) and times[0] == 0.75
+    assert losses[1] == pytest.approx((0.5 + 1.5) / 2)
+    assert metrics.eval_curve("accuracy") == ([50, 100], [2.8, 5.3], [0.9, 0.9])
+    assert metrics.totals("bytes_sent")[1][-1] == 20000
+    _, rates = metrics.throughput()
+    assert rates and rates == pytest.approx([2 * 320 / 0.5] * len(rates))  # both ranks' samples
+    last = metrics.rank_times()
+    assert list(last) == [0, 1] and last[1]["wait_s"] == pytest.approx(0.5)
+    assert learning_png(metrics, "a title").startswith(PNG) and system_png(metrics).startswith(PNG)
 
 
 @pytest.mark.slow

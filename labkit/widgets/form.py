@@ -11,6 +11,7 @@ of the sync modes appear only under the modes they belong to.
 
 from __future__ import annotations
 
+import html
 import os
 
 import ipywidgets as w
@@ -120,8 +121,10 @@ class ConfigForm:
                                       if applies_to(sync, self.info[name])]
 
     def _describe(self) -> None:
-        lines = [f"<b>{name}</b> {self.widgets[name].value}: {registry.entry(self.widgets[name].value).help}"
-                 for name, registry in DESCRIBED.items()]
+        lines = []
+        for name, registry in DESCRIBED.items():
+            choice = self.widgets[name].value
+            lines.append(f"<b>{name}</b> {html.escape(f'{choice}: {registry.entry(choice).help}')}")
         self.description.value = "<br>".join(lines)
 
     # --- the config ------------------------------------------------------------------------

@@ -72,13 +72,17 @@ class RunMetrics:
             totals.append(sum(latest.values()))
         return times, totals
 
-    def throughput(self, window_s: float = 1.0) -> tuple[list, list]:
-        """Samples per second over all ranks, averaged over the last ``window_s`` seconds."""
+    def throughput(self) -> tuple[list, list]:
+        """Samples per second over all ranks, averaged over a sliding window.
+
+        The window is a second, or a fifth of the run so far while that is shorter.
+        """
         times, samples = self.totals("samples")
+        window = min(1.0, (times[-1] - times[0]) / 5) if times else 0
         points_t, rates = [], []
         for i, t in enumerate(times):
-            j = bisect.bisect_left(times, t - window_s)
-            if t - times[j] >= window_s / 2:
+            j = bisect.bisect_left(times, t - window)
+            if window > 0 and t - times[j] >= window / 2:
                 points_t.append(t)
                 rates.append((samples[i] - samples[j]) / (t - times[j]))
         return points_t, rates
