@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labkit-installed
 PORT   ?= 8888
+# Jupyter refuses to run as root unless told to (containers, CI)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: setup lab test test-fast dashboard grade system-deps bench lint clean
 
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 
 ## make lab: open JupyterLab on the course, starting at notebooks/00_start_here.ipynb
 lab: setup
-	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(CURDIR) \
+	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG) \
 	    --LabApp.default_url=/lab/tree/notebooks/00_start_here.ipynb
 
 ## make test: the whole suite, including the browser and SLURM tests

@@ -195,7 +195,9 @@ class RunDir:
         return f"RunDir({str(self.path)!r}, status={self.status})"
 
 
-def default_run_dir(model: str, sync: str, workers: int, root: str | os.PathLike = "runs") -> Path:
+def default_run_dir(model: str, sync: str, workers: int, root: str | os.PathLike | None = None) -> Path:
+    """A new directory under ``root`` (default: $LABKIT_RUNS_DIR, else ./runs)."""
+    root = root or os.environ.get("LABKIT_RUNS_DIR", "runs")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{stamp}-{model}-{sync}-w{workers}"
     path, i = base, 1

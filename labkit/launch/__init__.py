@@ -137,9 +137,13 @@ class Run:
         else:
             status, error = "failed", self._diagnose(code)
         ckpt = self.rundir.latest_checkpoint()
+        evals = self.rundir.metrics(kind="eval")
+        last_eval = evals[-1] if evals else {}
         self.rundir.write_summary({
             "status": status, "error": error, "steps": last_step, "wall_time_s": wall,
-            "test_accuracy": None, "test_loss": None, "train_loss": None, "samples_per_s": None,
+            # the last evaluation before the end, and the step it was made at
+            "test_accuracy": last_eval.get("accuracy"), "test_loss": last_eval.get("loss"),
+            "evaluated_at_step": last_eval.get("step"), "train_loss": None, "samples_per_s": None,
             "bytes_sent": None, "comm_fraction": None, "world_size": self.config.workers,
             "checkpoint": str(ckpt) if ckpt else None,
             "resume_with": f"labkit train --run-dir {self.run_dir} --resume" if ckpt else None,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import os
-from pathlib import Path
 
 import ipywidgets as w
 
@@ -36,7 +34,6 @@ from .table import RunTable
 
 # What the panel starts from: a run short enough to watch, logged often enough to animate.
 DEFAULT_CONFIG = RunConfig(workers=4, steps=300, log_every=5, eval_every=20)
-RUNS_DIR_ENV = "LABKIT_RUNS_DIR"
 
 
 def _error_html(text: str) -> str:
@@ -53,7 +50,7 @@ class ControlPanel(w.VBox):
 
     def __init__(self, config: RunConfig | None = None, runs_dir=None, interval: float = 1.0):
         self.form = ConfigForm(config or DEFAULT_CONFIG)
-        self.runs_dir = Path(runs_dir or os.environ.get(RUNS_DIR_ENV, "runs"))
+        self.runs_dir = runs_dir  # None: labkit.runs.default_run_dir decides
         self.interval = interval
         self.start_button = w.Button(description="Start", button_style="success", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop")
