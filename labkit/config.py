@@ -60,7 +60,7 @@ class RunConfig:
         "ssp: how many clocks a worker may run ahead of the slowest", group="sync", metavar="S"))
     sync_every: int = field(default=8, metadata=_opt(
         "local-sgd: average the models every H steps", group="sync", metavar="H"))
-    rho: float = field(default=1.0, metadata=_opt(
+    rho: float = field(default=2.0, metadata=_opt(
         "EASGD: strength of the elastic force between workers and center", group="sync"))
     easgd_variant: int = field(default=1, metadata=_opt(
         "easgd-sync: 1 tree reduction, 2 data on host / weights on device, 3 overlapped communication",
