@@ -39,7 +39,7 @@ c.Execute.timeout = {cell}
 c.GradingLimits.notebook_timeout = {notebook}
 c.GradingLimits.memory_limit_mb = 3072
 """
-CELL_TIMEOUT = 15
+CELL_TIMEOUT = 20
 
 PROBLEMS = ["test_sgd", "test_sgd_hidden", "test_ring", "test_ring_hidden", "ring_cost"]
 # student -> (total, scores of PROBLEMS; None: awaits grading by hand), out of 9 (2 by hand)
@@ -355,16 +355,17 @@ def test_widget_cell_is_inert_while_grading(graded):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_a_notebook_past_its_time_limit_is_stopped_and_scores_zero(scratch, release):
-    course = copy_course(scratch / "course", cell_timeout=60, notebook_timeout=20)
+    # no cell runs past its own limit: only the notebook's stops it
+    course = copy_course(scratch / "course", cell_timeout=300, notebook_timeout=20)
     good = solutions()
-    slow = {**good, "sgd": "import time\n\ntime.sleep(100)\n\n" + good["sgd"]}
+    slow = {**good, "sgd": "import time\n\ntime.sleep(200)\n\n" + good["sgd"]}
     hand_in(course, "slow", submission(release, slow))
     start = time.monotonic()
     result = grade(course)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - start < 80
+    assert time.monotonic() - start < 150
     with open(course / "grades.csv", newline="") as file:
         (row,) = csv.DictReader(file)
     assert row["score"] == "0"
