@@ -9,8 +9,9 @@ hand-written ring, tree, recursive-doubling and parameter-server allreduces
 (torch.distributed). Then under mpiexec with the mpi backend: MPI_Allreduce (mpich).
 For every algorithm and message size S (float32, sum):
 
-- time: the mean of ``--iters`` back-to-back calls after a warm-up (fewer calls when
-  they are slow, so that one measurement takes about a second), on the slowest rank;
+- time: after a warm-up, three rounds of up to ``--iters`` back-to-back calls (fewer
+  when calls are slow, so that a measurement takes about a second); a round's time is
+  its mean per call on the slowest rank, and the fastest round is reported;
 - algbw = S / time, and busbw = algbw * 2(N-1)/N, the bandwidth each rank's link
   sustains in an optimal (ring) allreduce: it can be compared across N and with a link's
   bandwidth (nccl-tests, doc/PERFORMANCE.md);
@@ -52,6 +53,7 @@ HAND_WRITTEN = {
 LIBRARY_NAMES = {"gloo": "torch.distributed", "mpi": "MPI_Allreduce"}
 PROGRESS = "labkit-bench-progress"
 MEASUREMENT_BUDGET_S = 1.0
+ROUNDS = 3
 PING_PONG_SIZES = [4**k for k in range(5, 13)]  # 1 KB to 16 MB, whatever sizes are benchmarked
 COPY_BYTES = 256 * 2**20
 LAUNCH_TIMEOUT_S = 900
@@ -76,18 +78,27 @@ def slowest(comm, seconds: float) -> float:
 
 
 def time_allreduce(comm, function, buffer: torch.Tensor, max_iters: int) -> tuple[float, int]:
-    """Mean seconds per call on the slowest rank, and the number of timed calls."""
+    """Seconds per call and the number of calls per round.
+
+    ``ROUNDS`` rounds of back-to-back calls; each round's time is its mean per call on
+    the slowest rank, and the fastest round is kept (other work on a shared machine only
+    ever adds time).
+    """
     function(comm, buffer)  # warm-up: first-touch of buffers, connections
     comm.barrier()
     start = time.perf_counter()
     function(comm, buffer)
     first = slowest(comm, time.perf_counter() - start)
-    iters = max(1, min(max_iters, int(MEASUREMENT_BUDGET_S / first)))  # the same on every rank
-    comm.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        function(comm, buffer)
-    return slowest(comm, (time.perf_counter() - start) / iters), iters
+    # the same number on every rank, since all got the same `first`
+    iters = max(1, min(max_iters, int(MEASUREMENT_BUDGET_S / ROUNDS / first)))
+    rounds = []
+    for _ in range(ROUNDS):
+        comm.barrier()
+        start = time.perf_counter()
+        for _ in range(iters):
+            function(comm, buffer)
+        rounds.append(slowest(comm, (time.perf_counter() - start) / iters))
+    return min(rounds), iters
 
 
 def validate(comm, function, count: int) -> bool:
