@@ -6,6 +6,7 @@ One file per family; importing this package registers every mode in
 
 from . import allreduce  # noqa: F401
 from . import easgd, fedavg, gossip, local_sgd  # noqa: F401
+from . import hogwild, ps, ssp  # noqa: F401
 from .base import RankContext, SyncMode
 
 __all__ = ["RankContext", "SyncMode"]
