@@ -23,7 +23,6 @@ from . import comm as comm_pkg
 from .algorithms.base import RankContext
 from .config import RunConfig
 from .data import load_dataset
-from .launch.base import die_with_parent
 from .models import build_model, describe
 from .registry import SYNC_MODES
 from .runs import RunDir
@@ -104,8 +103,6 @@ def run_rank(run_dir: str) -> int:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if os.environ.get("LABKIT_DIE_WITH_PARENT") == "1":
-        die_with_parent()  # if the launcher process dies, so does this rank: nothing is left behind
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
     comm = None
     try:

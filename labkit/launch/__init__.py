@@ -107,7 +107,7 @@ class Run:
                 if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
                     self.job.stop()  # the others did not notice by themselves: end them
                     break
-                time.sleep(0.1)
+                time.sleep(0.05)
         finally:
             self._finish()
             self._done.set()
@@ -118,9 +118,9 @@ class Run:
         for rank, code in getattr(self.job, "rank_codes", dict)().items():
             if code not in (None, 0):
                 dead[rank] = signal_name(code)
-        for rank in self._ranks.poll():
-            dead.setdefault(rank, "its process vanished")
-        new = [(r, d) for r, d in sorted(dead.items()) if r not in self._lost_workers]
+        for rank, detail in self._ranks.poll():
+            dead.setdefault(rank, detail)
+        new = [(r, d) for r, d in dead.items() if r not in self._lost_workers]
         self._lost_workers.update(r for r, _ in new)
         return new
 
@@ -220,10 +220,12 @@ class _RankWatch:
         self.offset = 0
         self.pids: dict[int, int] = {}
         self.ended: set[int] = set()
+        self.died: list[tuple[int, str]] = []  # in the order the guards reported them
         self.host = socket.gethostname()
 
-    def poll(self) -> list[int]:
-        """Ranks whose process vanished (since they started) without saying goodbye."""
+    def poll(self) -> list[tuple[int, str]]:
+        """(rank, how) of the ranks that died: first those their guards reported, in order,
+        then those whose process vanished without saying goodbye."""
         for record, offset in self.run.read_metrics_from(self.offset):
             self.offset = offset
             if record.get("kind") != "event":
@@ -232,8 +234,11 @@ class _RankWatch:
                 self.pids[record["rank"]] = record["pid"]
             elif record.get("event") in ("finished", "error", "stopped"):
                 self.ended.add(record["rank"])
-        return [rank for rank, pid in sorted(self.pids.items())
-                if rank not in self.ended and not _alive(pid)]
+            elif record.get("event") == "rank_died":  # reported by the rank's guard
+                self.died.append((record["rank"], record["detail"]))
+        vanished = [(rank, "its process vanished") for rank, pid in sorted(self.pids.items())
+                    if rank not in self.ended and not _alive(pid)]
+        return self.died + vanished
 
 
 def _alive(pid: int) -> bool:

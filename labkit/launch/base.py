@@ -73,6 +73,14 @@ def python() -> str:
     return sys.executable
 
 
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
+
+
+def guarded_rank(run_dir) -> list[str]:
+    """The command line of one rank behind its guard (see ``guard.py``), for mpiexec, torchrun, srun."""
+    return [sys.executable, GUARD, str(run_dir)]
+
+
 def rank_env(config, run_dir) -> dict:
     """The environment every rank shares: backend, timeout, where to log."""
     env = dict(os.environ)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..registry import LAUNCHERS
-from .base import free_port
+from .base import free_port, guarded_rank
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cluster" / "templates" / "labkit-train.sbatch"
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -35,7 +35,7 @@ def _available():
 
 def render_script(config, run_dir: Path, port: int) -> str:
     venv_bin = os.path.dirname(sys.executable)
-    worker = f"{sys.executable} -m labkit.worker {run_dir}"
+    worker = " ".join(guarded_rank(run_dir))
     if config.backend == "mpi":
         from ..comm import mpiexec_path
 

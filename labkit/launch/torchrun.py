@@ -7,17 +7,16 @@ MASTER_PORT for every rank and ends the others when one fails.
 from __future__ import annotations
 
 from ..registry import LAUNCHERS
-from .base import kill_group, python, rank_env, spawn
+from .base import guarded_rank, kill_group, python, rank_env, spawn
 
 
 class TorchrunJob:
     def __init__(self, config, run):
         env = rank_env(config, run.path)
-        # ranks log to their own files; and die with torchrun's agent if it is killed
-        env.update({"LABKIT_RANK_LOGS": "1", "LABKIT_DIE_WITH_PARENT": "1"})
+        env["LABKIT_RANK_LOGS"] = "1"  # each rank behind its guard, which dies with torchrun's agent
         cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc-per-node={config.workers}", "--max-restarts=0",
-               "-m", "labkit.worker", str(run.path)]
+               "--no-python", *guarded_rank(run.path)]
         self.proc = spawn(cmd, env, run.log_dir / "launcher.log")
         self.description = f"torchrun --nproc-per-node {config.workers} (pid {self.proc.pid})"
 
