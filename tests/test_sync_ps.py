@@ -210,7 +210,7 @@ def test_async_modes_survive_a_lost_worker(tmp_path, no_leftovers, sync):
     summary = RunDir(run_dir).read_summary()
     assert code == 0, err + summary.get("error", "")
     assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.9
-    assert summary["workers_dropped"] == [2]
+    assert summary["workers_lost"] == [2]
     events = RunDir(run_dir).metrics(kind="event")
     assert any(e["event"] == "worker_lost" and e["rank"] == 2 for e in events)
     (dropped,) = [e for e in events if e["event"] == "worker_dropped"]

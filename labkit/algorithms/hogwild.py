@@ -36,8 +36,9 @@ ranks check that they all run on the same host.
 
 Faults: no rank ever waits for another while training, so a lost worker only takes its
 own updates with it. Rank 0 stops waiting for a rank that the launcher reported lost
-(a ``worker_lost`` event) or that made no progress for ``--timeout`` seconds, and logs
-a ``worker_dropped`` event. Losing rank 0 ends the run, failed, with a checkpoint.
+(a ``worker_lost`` event) or that made no progress for ``--timeout`` seconds, logs a
+``worker_dropped`` event and lists the rank in ``workers_lost`` in ``summary.json``.
+Losing rank 0 ends the run, failed, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from pathlib import Path
 import torch
 
 from ..registry import SYNC_MODES
+from ..runs import RunDir
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
-from .ps import LostWorkers
 
 SINGLE_MACHINE_LAUNCHERS = ("local", "mpi", "torchrun")  # labkit starts these on this machine
 
@@ -102,6 +103,26 @@ def share_parameters(model: torch.nn.Module, weights: torch.Tensor, fill: bool) 
             offset += p.numel()
 
 
+class LostWorkers:
+    """Ranks the launcher reported dead since this object was made (``worker_lost`` events).
+
+    Reading starts at the current end of ``metrics.jsonl``: a resumed run does not
+    mistake the losses of its previous attempt for new ones.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.offset = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
+        self.ranks: set[int] = set()
+
+    def poll(self) -> set[int]:
+        for record, offset in self.run.read_metrics_from(self.offset):
+            self.offset = offset
+            if record.get("kind") == "event" and record.get("event") == "worker_lost":
+                self.ranks.add(record["rank"])
+        return self.ranks
+
+
 class UpdateLock:
     """An exclusive lock for the processes of one machine: ``flock`` on a file."""
 
@@ -139,7 +160,7 @@ class Hogwild(SyncMode):
             share_parameters(model, shared.weights, fill=False)
         lock = UpdateLock(folder / "lock") if ctx.options["lock"] else None
         lost = LostWorkers(ctx.run) if ctx.rank == 0 else None
-        dropped: list[int] = []
+        lost_ranks: list[int] = []
 
         meter = TrainMeter(samples=start * ctx.batch_size)
         for step, epoch, x, y in ctx.batches(start):
@@ -158,13 +179,13 @@ class Hogwild(SyncMode):
             meter.add(loss, correct, len(y))
             if ctx.rank == 0 and step == ctx.total_steps:
                 with ctx.timers.time("wait"):
-                    dropped = self.wait_for_others(ctx, shared, lost)
+                    lost_ranks = self.wait_for_others(ctx, shared, lost)
             end_step(ctx, step, epoch, meter, model, lambda: checkpoint_state(model, optimizer))
             shared.progress[ctx.rank] = step
         results = {"model": model, "train_loss": meter.last_loss}
         if ctx.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # every rank is done with it
-            results["workers_dropped"] = dropped
+            results["workers_lost"] = lost_ranks
         return results
 
     @staticmethod
@@ -181,7 +202,8 @@ class Hogwild(SyncMode):
             else:
                 give_up, reason = running & lost.poll(), "the launcher reported it lost"
             for rank in sorted(give_up):
-                ctx.event("worker_dropped", worker=rank, steps_done=int(shared.progress[rank]), reason=reason)
+                ctx.event("worker_dropped", worker=rank, step=ctx.total_steps, error=reason,
+                          steps_done=int(shared.progress[rank]))
                 dropped.append(rank)
             if not torch.equal(shared.progress, last_seen):
                 last_seen, last_change = shared.progress.clone(), time.monotonic()

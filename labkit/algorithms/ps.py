@@ -41,26 +41,28 @@ Messages (point to point, tag 0)::
     worker -> master   ps-async: a Report with step FINISHED when it has no batches left;
                        the master answers with the final weights once every worker is done
 
-Steps: ``--steps`` / ``--epochs`` count steps of every worker. The master's step s is
-done when it has applied s gradients of every worker (ps-async: s x (N-1) gradients,
-from whichever workers came first); it evaluates and checkpoints on its own steps.
+Steps: ``--steps`` counts the steps of every worker, ``--epochs`` the passes of every
+worker over its own shard (with 4 ranks: 3 workers, 14 steps an epoch on digits). The
+master's step s is done when it has applied s gradients of every worker (ps-async:
+s x (N-1) gradients, from whichever workers came first); it evaluates and checkpoints
+on its own steps.
 
 Timers: the master's time blocked on the next report is ``wait`` (it idles while the
 workers compute), receiving gradients and sending weights is ``comm``, applying them is
 ``compute``. A worker's ``comm`` is everything between its backward pass and the next.
 
 Faults: ps-sync is synchronous, so the loss of any rank ends the run (failed, with a
-checkpoint to ``--resume`` from). ps-async keeps going without a lost worker: the
-master drops a worker when the launcher reports it lost (a ``worker_lost`` event),
-when a message to or from it fails, or when no worker at all has written for
-``--timeout`` seconds; it logs a ``worker_dropped`` event and finishes with the others.
-(A receive from any worker can fail when one of them dies without saying which: the
-master then waits up to LOSS_REPORT_S seconds for the launcher to name it.)
+checkpoint to ``--resume`` from). ps-async keeps going without a lost worker: its master
+listens to each worker in a thread of its own, and drops a worker as soon as talking to
+it fails (its connection closed, or ``--timeout`` seconds without a word); it logs a
+``worker_dropped`` event, lists the worker in ``workers_lost`` in ``summary.json`` and
+finishes with the others. Losing the master ends the run (failed, with a checkpoint).
 """
 
 from __future__ import annotations
 
-import time
+import queue
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -69,13 +71,12 @@ import torch
 from ..comm import PeerError
 from ..comm.buckets import FlatGradients
 from ..compress.communicate import recv_compressed, send_compressed
+from ..data import batches_per_epoch
 from ..registry import SYNC_MODES
-from ..runs import RunDir
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
 MASTER = 0
 FINISHED = -1  # the step of the Report a worker sends when it has no batches left
-LOSS_REPORT_S = 10.0  # how long ps-async's master waits for the launcher to name a dead worker
 
 
 def needs_a_worker(mode: str):
@@ -220,6 +221,17 @@ def staleness_summary(histogram: Counter) -> dict:
             "staleness_histogram": {str(s): histogram[s] for s in sorted(histogram)}}
 
 
+def use_worker_steps(ctx: RankContext) -> None:
+    """Make ``--epochs`` count passes of each worker over its shard, 1/(N-1) of the data.
+
+    The master holds no data, so the training set is split N-1 ways, not N ways;
+    ``--steps`` is taken as it is.
+    """
+    if ctx.options.get("steps") is None:
+        epochs = ctx.total_steps // ctx.steps_per_epoch
+        ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
+
+
 def worker_batches(ctx: RankContext, start: int):
     """Worker r trains on shard r-1 of the N-1 workers (the master has no shard)."""
     return ctx.batches(start, rank=ctx.rank - 1, world=ctx.world - 1)
@@ -231,6 +243,7 @@ def worker_batches(ctx: RankContext, start: int):
                      validate=needs_a_worker("ps-sync"))
 class ParameterServerSync(SyncMode):
     def run(self, ctx: RankContext) -> dict:
+        use_worker_steps(ctx)
         return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
 
     def master(self, ctx: RankContext) -> dict:
@@ -273,28 +286,17 @@ class ParameterServerSync(SyncMode):
 
 
 # --- ps-async ---------------------------------------------------------------------------
-class LostWorkers:
-    """Workers the launcher reported dead since this object was made (``worker_lost`` events).
-
-    Reading starts at the current end of ``metrics.jsonl``: a resumed run does not
-    mistake the losses of its previous attempt for new ones.
-    """
-
-    def __init__(self, run: RunDir):
-        self.run = run
-        self.offset = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
-        self.ranks: set[int] = set()
-
-    def poll(self) -> set[int]:
-        for record, offset in self.run.read_metrics_from(self.offset):
-            self.offset = offset
-            if record.get("kind") == "event" and record.get("event") == "worker_lost":
-                self.ranks.add(record["rank"])
-        return self.ranks
-
-
 class AsyncMaster:
-    """The master of ps-async: first come, first served, one gradient at a time."""
+    """The master of ps-async: first come, first served, one gradient at a time.
+
+    One listener thread per worker receives that worker's reports and gradients and
+    puts them in a queue, in the order they arrive. The main thread takes them out one
+    at a time, applies the gradient and sends that worker the new weights: the weights
+    only ever change by one gradient at a time (the lock of the slide). A worker that
+    dies makes only its own listener fail, as soon as a receive from it fails (at once
+    when its connection closes, or after ``--timeout`` seconds of silence): the master
+    drops that worker and goes on with the others.
+    """
 
     def __init__(self, ctx: RankContext):
         self.ctx = ctx
@@ -307,12 +309,11 @@ class AsyncMaster:
         self.step = restore(ctx, self.model, self.optimizer)
         saved = ctx.resume_state or {}
         self.version = saved.get("version", 0)  # number of gradients applied so far
-        self.delivered = saved.get("delivered", dict.fromkeys(self.workers, 0))  # per worker
+        self.delivered = saved.get("delivered", dict.fromkeys(self.workers, 0))  # steps, per worker
         self.staleness = Counter(saved.get("staleness", {}))
-        self.computed_on = dict.fromkeys(self.workers, self.version)  # weights each worker holds
-        self.active = set(self.workers)  # workers that may still send
+        self.computed_on = dict.fromkeys(self.workers, self.version)  # the weights each worker holds
         self.finished: list[int] = []  # workers that have done all their steps
-        self.dropped: list[int] = []
+        self.lost: list[int] = []
         self.meter = WorkerReports()
         self.epoch = 0
 
@@ -322,60 +323,54 @@ class AsyncMaster:
 
     def run(self) -> dict:
         ctx = self.ctx
-        lost = LostWorkers(ctx.run)
-        while self.active:
-            for worker in sorted(self.active & lost.poll()):
-                self.drop(worker, "the launcher reported it lost")
-            if not self.active:
-                break
-            started = time.monotonic()
-            try:
-                with ctx.timers.time("wait"):  # whoever comes first
-                    report, sender = Report.recv(ctx.comm)
-            except PeerError as e:
-                if time.monotonic() - started < ctx.comm.timeout:
-                    self.learn_who_died(lost, e)  # a connection broke: a worker died
-                    continue
-                for worker in sorted(self.active):
-                    self.drop(worker, f"no worker sent anything for {ctx.comm.timeout:.0f} s")
-                break
-            if report.step == FINISHED:
-                self.active.discard(sender)
-                self.finished.append(sender)
+        arrivals: queue.Queue = queue.Queue()
+        for worker in self.workers:
+            threading.Thread(target=self.listen, args=(worker, arrivals), daemon=True,
+                             name=f"ps-async-listener-{worker}").start()
+        listening = set(self.workers)
+        while listening:
+            with ctx.timers.time("wait"):  # whoever comes first
+                kind, worker, what = arrivals.get()
+            if kind == "gradient":
+                self.serve(worker, *what)
+                continue
+            listening.discard(worker)
+            if kind == "finished":
+                self.finished.append(worker)
+            elif kind == "lost":
+                self.drop(worker, what)
             else:
-                self.serve(sender, report)
+                raise what
         end_step(ctx, ctx.total_steps, self.epoch, self.meter, self.model, self.state)
         for worker in self.finished:  # the workers leave with the final weights
             try:
                 with ctx.timers.time("comm"):
                     ctx.comm.send(get_weights(self.model), worker)
-            except PeerError as e:
-                self.drop(worker, str(e))
+            except PeerError as error:
+                self.drop(worker, error)
         summary = staleness_summary(self.staleness)
         ctx.event("staleness", histogram=summary["staleness_histogram"],
                   mean=summary["mean_staleness"], max=summary["max_staleness"])
         return {"model": self.model, "train_loss": self.meter.last_loss, **summary,
-                "gradients_applied": self.version, "workers_dropped": self.dropped}
+                "gradients_applied": self.version, "workers_lost": self.lost}
 
-    def learn_who_died(self, lost: LostWorkers, error: PeerError) -> None:
-        """A receive from any worker failed: wait for the launcher to report which one died."""
-        with self.ctx.timers.time("wait"):
-            deadline = time.monotonic() + LOSS_REPORT_S
-            while not self.active & lost.poll():
-                if time.monotonic() > deadline:
-                    raise PeerError(f"a worker died, but none was reported lost within "
-                                    f"{LOSS_REPORT_S:.0f} s: {error}") from error
-                time.sleep(0.05)
+    def listen(self, worker: int, arrivals: queue.Queue) -> None:
+        """A listener thread: queue what ``worker`` sends until it finishes or fails."""
+        try:
+            while True:
+                report, _ = Report.recv(self.ctx.comm, worker)
+                if report.step == FINISHED:
+                    arrivals.put(("finished", worker, None))
+                    return
+                arrivals.put(("gradient", worker, (report, recv_gradient(self.ctx, self.model, worker))))
+        except PeerError as error:
+            arrivals.put(("lost", worker, error))
+        except Exception as error:  # noqa: BLE001 - the main thread raises it
+            arrivals.put(("failed", worker, error))
 
-    def serve(self, worker: int, report: Report) -> None:
+    def serve(self, worker: int, report: Report, gradient: Gradient) -> None:
         """Apply ``worker``'s gradient and send it the new weights."""
         ctx = self.ctx
-        try:
-            with ctx.timers.time("comm"):
-                gradient = recv_gradient(ctx, self.model, worker)
-        except PeerError as e:
-            self.drop(worker, str(e))
-            return
         with ctx.timers.time("compute"):
             apply_one(self.model, self.grads, self.optimizer, gradient)
         self.staleness[self.version - self.computed_on[worker]] += 1
@@ -384,22 +379,22 @@ class AsyncMaster:
         self.meter.add_report(report)
         self.epoch = report.epoch
         try:
-            with ctx.timers.time("comm"):
+            with ctx.timers.time("comm"):  # "receiving W from master"
                 ctx.comm.send(get_weights(self.model), worker)
             self.computed_on[worker] = self.version
-        except PeerError as e:
-            self.drop(worker, str(e))
+        except PeerError as error:
+            self.drop(worker, error)
         workers = len(self.workers)
         while self.version >= (self.step + 1) * workers and self.step + 1 < ctx.total_steps:
             self.step += 1
             end_step(ctx, self.step, self.epoch, self.meter, self.model, self.state)
 
-    def drop(self, worker: int, reason: str) -> None:
-        """Stop waiting for ``worker``: training goes on with the others."""
-        self.active.discard(worker)
-        self.dropped.append(worker)
-        self.ctx.event("worker_dropped", worker=worker, reason=reason,
-                       gradients_applied=self.delivered[worker])
+    def drop(self, worker: int, error: Exception) -> None:
+        """Stop serving ``worker`` (talking to it failed): training goes on with the others."""
+        if worker not in self.lost:
+            self.lost.append(worker)
+            self.ctx.event("worker_dropped", worker=worker, step=self.step,
+                           error=str(error).splitlines()[0], steps_done=self.delivered[worker])
 
 
 @SYNC_MODES.register("ps-async", help="parameter server, asynchronous (Downpour): the master "
@@ -407,6 +402,7 @@ class AsyncMaster:
                      validate=needs_a_worker("ps-async"), survives_worker_loss=True)
 class ParameterServerAsync(SyncMode):
     def run(self, ctx: RankContext) -> dict:
+        use_worker_steps(ctx)
         return AsyncMaster(ctx).run() if ctx.rank == MASTER else self.worker(ctx)
 
     def worker(self, ctx: RankContext) -> dict:

@@ -67,6 +67,7 @@ from .ps import (
     send_gradient,
     set_weights,
     staleness_summary,
+    use_worker_steps,
     worker_batches,
 )
 
@@ -87,6 +88,7 @@ def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
                      validate=needs_a_worker("ssp"))
 class StaleSynchronous(SyncMode):
     def run(self, ctx: RankContext) -> dict:
+        use_worker_steps(ctx)
         return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
 
     def master(self, ctx: RankContext) -> dict:
