@@ -11,7 +11,8 @@ keeps the center W̄, and ΔW^i_t is the gradient of worker i's mini-batch at W^
 The elastic force ρ (W^i − W̄) pulls each worker toward the center and the center toward
 the workers: the workers explore, the center averages them, and the center is the model
 that is evaluated. :func:`worker_update` and :func:`center_update` are (1) and (2) as
-written; every mode in this file is built on them.
+written (:func:`center_update_reduced` is (2) from a reduced sum, for Sync EASGD); every
+mode in this file is built on them.
 
 The modes (``--sync``), in the order of the SC'17 paper:
 
@@ -20,8 +21,8 @@ The modes (``--sync``), in the order of the SC'17 paper:
 - ``easgd-async``: Async EASGD: the master serves whichever worker asks first (first
   come, first served), one at a time, as if under a lock.
 - ``measgd-async``: Async MEASGD: the same, with momentum on the workers (``--momentum``).
-- ``easgd-hogwild``: Hogwild EASGD: the lock is removed; the master runs one thread per
-  worker and they update the center at the same time.
+- ``easgd-hogwild``: Hogwild EASGD: the lock is removed; the master's threads (one per
+  worker) update the center as their workers' weights arrive, all at the same time.
 - ``easgd-sync``: Sync EASGD: every worker takes a step, then the master broadcasts W̄_t and
   a reduction brings it Σ_i (W^i_t − W̄_t); ``--easgd-variant`` 1, 2 or 3 as on the slides
   "Multi-GPU Optimization" (see :class:`SyncEASGD`).
@@ -65,13 +66,14 @@ def worker_update(w, grad, center, lr, rho):
 
 
 def momentum_worker_update(w, velocity, grad, center, lr, rho, momentum):
-    """Equation (1) with momentum (Async MEASGD, SC'17); returns (W^i_{t+1}, V^i_{t+1}).
+    """Equation (1) with momentum, for Async MEASGD; returns (W^i_{t+1}, V^i_{t+1}).
+
+    The SC'17 slide says "add a momentum parameter V, help accelerate gradient in the right
+    direction"; here V accumulates the gradients only (heavy ball) and the elastic pull
+    stays as in (1), which this is when μ = 0:
 
         V^i_{t+1} = μ V^i_t − η ΔW^i_t
         W^i_{t+1} = W^i_t + V^i_{t+1} − η ρ (W^i_t − W̄_t)
-
-    The momentum accumulates the gradients only; the elastic pull stays as in (1), which
-    this is when μ = 0.
     """
     velocity = momentum * velocity - lr * grad
     return w + velocity - lr * rho * (w - center), velocity
@@ -181,9 +183,11 @@ class CenterClock:
     def unfinished(self) -> list[int]:
         return [rank for rank in self.progress if rank not in self.finished]
 
-    def report(self, worker: int, step: int, loss: float, correct: int, samples: int) -> None:
-        self.progress[worker] = step
-        self.meter.add(loss, correct, samples)
+    def report(self, worker: int, report) -> None:
+        """A worker's report (step, loss, correct, samples) of an exchange the master has served."""
+        step, loss, correct, samples = report.tolist()
+        self.progress[worker] = int(step)
+        self.meter.add(loss, int(correct), int(samples))
         self.advance()
 
     def finish(self, worker: int) -> None:
@@ -192,7 +196,9 @@ class CenterClock:
         self.advance()
 
     def lose(self, worker: int, error: Exception) -> None:
-        """Stop waiting for ``worker``: it died (or fell silent for ``--timeout`` seconds)."""
+        """Stop waiting for ``worker``: talking to it failed (it died)."""
+        if worker in self.lost:
+            return
         self.progress.pop(worker)
         self.finished.discard(worker)
         self.lost.append(worker)
@@ -209,17 +215,7 @@ class CenterClock:
             end_step(self.ctx, self.step, (self.step - 1) // self.steps_per_epoch, self.meter, model,
                      lambda: checkpoint_state(model, None))
 
-    def release_workers(self) -> dict:
-        """Let the finished workers go, all at once; the master's results.
-
-        A worker that left earlier could disturb the master, whose "receive from any
-        worker" would take whatever that worker sends after the run.
-        """
-        for worker in sorted(self.finished):
-            try:
-                self.ctx.comm.send(torch.zeros(1), worker)
-            except PeerError as error:
-                self.lose(worker, error)
+    def results(self) -> dict:
         return {"model": self.ctx.model, "train_loss": self.meter.last_loss, "workers_lost": self.lost}
 
 
@@ -273,8 +269,7 @@ class RoundRobinEASGD(SyncMode):
                         weights = center + recv_tensor(ctx, center, worker, compressed=True)
                     with ctx.timers.time("compute"):
                         center.copy_(center_update(center, [weights], lr, rho))
-                    step, loss, correct, samples = report.tolist()
-                    clock.report(worker, int(step), loss, int(correct), int(samples))
+                    clock.report(worker, report)
             return {"model": ctx.model, "train_loss": clock.meter.last_loss}
 
         start, weights, grads = start_worker(ctx)
@@ -311,10 +306,10 @@ def run_async_worker(ctx: RankContext, momentum: float) -> dict:
     meter = TrainMeter(samples=start * ctx.batch_size)
     for step, epoch, x, y in worker_batches(ctx, start):
         loss, correct = ctx.forward_backward(ctx.model, x, y)
-        with ctx.timers.time("wait"):  # until the master takes this worker's request
-            send_report(ctx, step, loss, correct, len(y))
         with ctx.timers.time("comm"):
+            send_report(ctx, step, loss, correct, len(y))
             send_tensor(ctx, weights - center, MASTER, compressed=True)
+        with ctx.timers.time("wait"):  # the master serves the requests in turn
             ctx.comm.recv(center, MASTER)
         with ctx.timers.time("compute"):
             if momentum:
@@ -326,57 +321,88 @@ def run_async_worker(ctx: RankContext, momentum: float) -> dict:
         meter.add(loss, correct, len(y))
         end_step(ctx, step, epoch, meter, ctx.model)
     send_report(ctx, FINISHED)
-    with ctx.timers.time("wait"):  # for the master to release every worker at once
-        ctx.comm.recv(torch.zeros(1), MASTER)
     return {"model": ctx.model, "train_loss": meter.last_loss}
 
 
-def serve(ctx: RankContext, worker: int, center, last_sent: dict, lr: float, rho: float) -> None:
-    """The master's half of one exchange: W^i_t in, W̄_t out, then equation (2)."""
-    with ctx.timers.time("comm"):
-        weights = last_sent[worker] + recv_tensor(ctx, center, worker, compressed=True)
-        reply = center.clone()
-        ctx.comm.send(reply, worker)
-    last_sent[worker] = reply
-    with ctx.timers.time("compute"):
-        center.copy_(center_update(center, [weights], lr, rho))
-
-
-# --- easgd-async, measgd-async: first come, first served --------------------------------------
-def run_first_come_master(ctx: RankContext) -> dict:
-    """The master of Async EASGD: "use FCFS strategy to process multiple workers".
-
-    It waits for a request from any worker and serves it to the end before taking the next,
-    so the center is only ever changed by one exchange at a time (the lock of the slides).
-    A worker that dies is dropped and the others go on: the master notices when talking to
-    it fails, when it is the last one left (the master then waits on it alone, which fails
-    at once if it is gone), or when no request at all came for ``--timeout`` seconds.
-    """
+# --- easgd-async, measgd-async, easgd-hogwild: the master side ----------------------------------
+def serve(ctx: RankContext, worker: int, difference, center, last_sent: dict) -> None:
+    """The master's half of one exchange: W^i_t in (as its difference from the last center
+    sent to worker i), W̄_t out, then equation (2)."""
     lr, rho = ctx.options["lr"], ctx.options["rho"]
+    weights = last_sent[worker] + difference
+    reply = center.clone()
+    last_sent[worker] = reply
+    ctx.comm.send(reply, worker)
+    center.copy_(center_update(center, [weights], lr, rho))
+
+
+def listen_to_worker(ctx: RankContext, worker: int, center, last_sent: dict, events: queue.Queue,
+                     serve_at_once: bool) -> None:
+    """A thread of the master: receive ``worker``'s requests until it finishes or dies.
+
+    With ``serve_at_once`` (Hogwild) the thread serves each request itself; otherwise it
+    queues the request for the master's main thread.
+    """
+    try:
+        while True:
+            report = new_report()
+            ctx.comm.recv(report, worker)
+            if report[0] == FINISHED:
+                events.put(("finished", worker))
+                return
+            difference = recv_tensor(ctx, center, worker, compressed=True)
+            if serve_at_once:
+                serve(ctx, worker, difference, center, last_sent)
+                events.put(("served", worker, report))
+            else:
+                events.put(("request", worker, report, difference))
+    except PeerError as error:
+        events.put(("lost", worker, error))
+
+
+def run_master(ctx: RankContext, lock_free: bool) -> dict:
+    """The master of Async EASGD (``lock_free=False``) and of Hogwild EASGD (``lock_free=True``).
+
+    One thread per worker receives that worker's requests; a worker that dies makes only
+    its own thread fail, and the master drops it and goes on with the others.
+
+    Async EASGD ("use FCFS strategy to process multiple workers"): the threads put the
+    requests in one queue, in the order they arrive, and the main thread serves them one
+    at a time: first come, first served, and the center is only ever changed by one
+    exchange at a time (the lock of the slides).
+
+    Hogwild EASGD: each thread serves its worker's requests itself, at once, with no lock:
+    the threads read and write the shared center at the same time.
+    """
     center, clock = start_master(ctx)
     last_sent = {worker: center.clone() for worker in worker_ranks(ctx)}
+    events: queue.Queue = queue.Queue()
+    threads = [threading.Thread(target=listen_to_worker, name=f"easgd-master-worker-{worker}", daemon=True,
+                                args=(ctx, worker, center, last_sent, events, lock_free))
+               for worker in worker_ranks(ctx)]
+    for thread in threads:
+        thread.start()
     while clock.unfinished:
-        waiting_for = clock.unfinished
-        source = waiting_for[0] if len(waiting_for) == 1 else None  # None: any worker
-        report = new_report()
-        try:
-            with ctx.timers.time("wait"):
-                worker = ctx.comm.recv(report, source)
-        except PeerError as error:
-            for silent in waiting_for:
-                clock.lose(silent, error)
-            continue
-        step, loss, correct, samples = report.tolist()
-        if step == FINISHED:
+        with ctx.timers.time("wait"):
+            kind, worker, *details = events.get()
+        if kind == "request":
+            report, difference = details
+            try:
+                with ctx.timers.time("comm"):
+                    serve(ctx, worker, difference, center, last_sent)
+            except PeerError as error:
+                clock.lose(worker, error)
+                continue
+            clock.report(worker, report)
+        elif kind == "served":
+            clock.report(worker, *details)
+        elif kind == "finished":
             clock.finish(worker)
-            continue
-        try:
-            serve(ctx, worker, center, last_sent, lr, rho)
-        except PeerError as error:
-            clock.lose(worker, error)
-            continue
-        clock.report(worker, int(step), loss, int(correct), int(samples))
-    return clock.release_workers()
+        else:
+            clock.lose(worker, *details)
+    for thread in threads:
+        thread.join()
+    return clock.results()
 
 
 @SYNC_MODES.register("easgd-async", help="Async EASGD: the master serves the workers first come, first served",
@@ -386,7 +412,7 @@ class AsyncEASGD(SyncMode):
 
     def run(self, ctx: RankContext) -> dict:
         if ctx.rank == MASTER:
-            return run_first_come_master(ctx)
+            return run_master(ctx, lock_free=False)
         return run_async_worker(ctx, momentum=0.0)
 
 
@@ -398,26 +424,8 @@ class AsyncMEASGD(SyncMode):
 
     def run(self, ctx: RankContext) -> dict:
         if ctx.rank == MASTER:
-            return run_first_come_master(ctx)
+            return run_master(ctx, lock_free=False)
         return run_async_worker(ctx, momentum=ctx.options["momentum"])
-
-
-# --- easgd-hogwild: no lock ---------------------------------------------------------------------
-def serve_one_worker(ctx: RankContext, worker: int, center, last_sent: dict, reports: queue.Queue) -> None:
-    """One thread of the Hogwild master: serve ``worker`` until it finishes or dies."""
-    lr, rho = ctx.options["lr"], ctx.options["rho"]
-    try:
-        while True:
-            report = new_report()
-            ctx.comm.recv(report, worker)
-            step, loss, correct, samples = report.tolist()
-            if step == FINISHED:
-                reports.put(("finished", worker))
-                return
-            serve(ctx, worker, center, last_sent, lr, rho)
-            reports.put(("report", worker, int(step), loss, int(correct), int(samples)))
-    except PeerError as error:
-        reports.put(("lost", worker, error))
 
 
 @SYNC_MODES.register("easgd-hogwild", help="Hogwild EASGD: one master thread per worker, center updated without a lock",
@@ -425,39 +433,19 @@ def serve_one_worker(ctx: RankContext, worker: int, center, last_sent: dict, rep
 class HogwildEASGD(SyncMode):
     """Hogwild EASGD (SC'17): "remove the lock for faster convergence".
 
-    The master runs one thread per worker. Each thread receives its worker's weights,
-    answers with the center and applies equation (2) to the shared center, with no lock:
-    while one thread computes ``center_update`` from the center it read, another may write
-    the center, and one of the two updates is then lost (Hogwild's bet, after Niu et al.,
-    NIPS'11: such collisions are rare and cost little). The threads run truly at once: the
-    tensor operations and the communication release Python's interpreter lock. Evaluation
-    and checkpoints read the center without a lock as well. The main thread only keeps the
-    clock (logging, evaluation, checkpoints) from what the threads report.
+    Each of the master's threads applies equation (2) to the shared center as soon as its
+    worker's weights arrive, with no lock: while one thread computes ``center_update`` from
+    the center it read, another may write the center, and one of the two updates is then
+    lost (Hogwild's bet, after Niu et al., NIPS'11: such collisions are rare and cost
+    little). The threads run truly at once: tensor operations and communication release
+    Python's interpreter lock. Evaluation and checkpoints read the center without a lock as
+    well; the master's main thread only keeps the clock from what the threads report.
     """
 
     def run(self, ctx: RankContext) -> dict:
-        if ctx.rank != MASTER:
-            return run_async_worker(ctx, momentum=0.0)
-        center, clock = start_master(ctx)
-        last_sent = {worker: center.clone() for worker in worker_ranks(ctx)}
-        reports: queue.Queue = queue.Queue()
-        threads = [threading.Thread(target=serve_one_worker, args=(ctx, worker, center, last_sent, reports),
-                                    name=f"easgd-hogwild-worker-{worker}", daemon=True)
-                   for worker in worker_ranks(ctx)]
-        for thread in threads:
-            thread.start()
-        while clock.unfinished:
-            with ctx.timers.time("wait"):
-                kind, worker, *details = reports.get()
-            if kind == "report":
-                clock.report(worker, *details)
-            elif kind == "finished":
-                clock.finish(worker)
-            else:
-                clock.lose(worker, *details)
-        for thread in threads:
-            thread.join()
-        return clock.release_workers()
+        if ctx.rank == MASTER:
+            return run_master(ctx, lock_free=True)
+        return run_async_worker(ctx, momentum=0.0)
 
 
 # --- easgd-sync ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ as they set the number of synchronizations in the other modes. The metrics' ``ep
 the number of passes over the training set the clients have made together so far.
 
 The clients' data is not IID: :func:`label_skewed_shards` deals it as McMahan et al.'s
-"pathological non-IID" split, so that most clients hold two digits only. Every rank
+"pathological non-IID" split, so that each client holds two to four digits only. Every rank
 holds the global model; rank 0 evaluates and checkpoints it. A lost rank stops the
 round's allreduce: the run fails, and ``--resume`` continues from the last checkpoint.
 """
@@ -41,8 +41,8 @@ def label_skewed_shards(labels: torch.Tensor, clients: int, seed: int) -> list[t
     """The indices of each client's samples: sorted by label, cut into 2K shards, 2 per client.
 
     Sorting by label (ties in a seeded random order) and cutting the sorted list into
-    equal shards makes each shard hold one or two labels; each client gets two shards at
-    random, so most clients see two labels and a few see three or one.
+    equal shards makes each shard hold one label, or two where it straddles a boundary;
+    each client gets two shards at random, so it sees two to four of the ten digits.
     """
     generator = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(len(labels), generator=generator)
