@@ -39,8 +39,9 @@ no gradient is ever stale and nothing ever waits for its clock):
   staleness-dependent learning rate of Zhang et al. (*Staleness-aware Async-SGD for
   Distributed Deep Learning*, IJCAI 2016).
 
-Without them, stale weights and momentum 0.9 make the default run (S = 2) on digits end
-near 91 % test accuracy instead of 96 %.
+Without them, stale weights and momentum 0.9 made the default run (S = 2) on digits end
+anywhere between 91 % and 97 % test accuracy, depending on how far the workers drifted
+apart; with them, between 95.5 % and 97 %.
 
 Faults: SSP is synchronous (a clock needs every worker), so the loss of any rank ends
 the run, failed, with a checkpoint of the slowest clock to ``--resume`` from.
