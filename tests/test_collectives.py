@@ -241,6 +241,20 @@ def test_predictions_follow_the_formulas(n):
     assert costmodel.predict("tree", size, n, alpha, beta) == pytest.approx(tree_steps * message)
 
 
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_half_duplex_counts_both_directions_of_an_exchange(n):
+    alpha, beta, size = 30e-6, 2e-10, 2**24
+    message = alpha + size * beta
+    ring = 4 * (n - 1) * alpha + 4 * (n - 1) / n * size * beta
+    assert costmodel.predict("ring", size, n, alpha, beta, full_duplex=False) == pytest.approx(ring)
+    doubling_steps = {2: 2, 4: 4, 6: 4 + 2}[n]  # 2 log2 P, + 2 to fold when N is not P
+    assert costmodel.predict("recursive_doubling", size, n, alpha, beta, full_duplex=False) == \
+        pytest.approx(doubling_steps * message)
+    for collective in ("tree", "parameter_server"):  # never send and receive in one step
+        assert costmodel.predict(collective, size, n, alpha, beta, full_duplex=False) == \
+            pytest.approx(costmodel.predict(collective, size, n, alpha, beta))
+
+
 def test_prediction_edge_cases():
     assert costmodel.predict("ring", 2**20, 1, 1e-5, 1e-9) == 0
     with pytest.raises(ValueError):

@@ -16,7 +16,9 @@ For every algorithm and message size S (float32, sum):
   sustains in an optimal (ring) allreduce: it can be compared across N and with a link's
   bandwidth (nccl-tests, doc/PERFORMANCE.md);
 - model: the alpha-beta prediction of :mod:`labkit.comm.costmodel`, with alpha and beta
-  fitted on a ping-pong (1 KB to 16 MB) between ranks 0 and 1 of the same launch;
+  fitted on a ping-pong (1 KB to 16 MB) between ranks 0 and 1 of the same launch, half
+  duplex (on one machine the cores copy the bytes of both directions, so a rank's send
+  and receive do not overlap);
 - check: each algorithm's result is compared with the exact sum once per size.
 
 The ceiling line is the bandwidth of one large ``torch`` ``copy_`` in this process:
@@ -32,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -134,7 +135,7 @@ def rank_main(argv: list[str]) -> int:
             function, collective = algorithm(name)
             seconds, iters = time_allreduce(comm, function, buffer, args.iters)
             rows.append({"algorithm": name, "bytes": size, "time_us": seconds * 1e6,
-                         "model_us": predict(collective, size, comm.size, alpha, beta) * 1e6,
+                         "model_us": predict(collective, size, comm.size, alpha, beta, full_duplex=False) * 1e6,
                          "iters": iters, "valid": validate(comm, function, size // 4)})
             if comm.rank == 0:
                 print(PROGRESS, name, size, flush=True)
@@ -180,7 +181,7 @@ def size_range(smallest: int, largest: int, factor: int) -> list[int]:
 
 
 def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
-    """Bytes per second of ``dst.copy_(src)`` on ``nbytes`` (median of ``repeats``)."""
+    """Bytes per second of ``dst.copy_(src)`` on ``nbytes`` (the fastest of ``repeats``)."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -189,7 +190,7 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times)
+    return nbytes / min(times)
 
 
 def run_ranks(n: int, backend: str, names: list[str], sizes: list[int], iters: int,
@@ -220,7 +221,8 @@ def run_ranks(n: int, backend: str, names: list[str], sizes: list[int], iters: i
             failed = [c for c in codes if c not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 why = f"exit status {failed[0]}" if failed else f"no result after {LAUNCH_TIMEOUT_S} s"
-                with open(logs[-1], errors="replace") as f:
+                failed_log = next((log for log, c in zip(logs, codes) if c not in (None, 0)), logs[0])
+                with open(failed_log, errors="replace") as f:
                     tail = "".join(f.readlines()[-15:])
                 raise BenchError(f"{backend} ranks failed ({why}); logs in {workdir}:\n{tail}")
             if all(c == 0 for c in codes):
@@ -253,7 +255,7 @@ def format_table(report: dict) -> str:
         lines.append(f"# {launch['backend']}: alpha = {launch['alpha_s'] * 1e6:.1f} us, "
                      f"beta = {launch['beta_s_per_byte'] * 1e9:.3f} ns/B "
                      f"({1e-9 / launch['beta_s_per_byte']:.2f} GB/s), "
-                     f"from a ping-pong between ranks 0 and 1")
+                     f"from a ping-pong between ranks 0 and 1; model: half duplex")
     header = (f"#{'size':>9} {'time(us)':>11} {'model(us)':>11} {'time/model':>10} "
               f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'iters':>5}  check")
     names = list(dict.fromkeys(row["algorithm"] for row in report["rows"]))

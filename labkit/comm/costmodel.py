@@ -16,26 +16,35 @@ An allreduce of S bytes over N ranks is a chain of messages that wait for each o
 
     T = steps * alpha + steps * m * beta
 
-==================  ===================================  ==========
-collective          steps                                m (bytes)
-==================  ===================================  ==========
-ring                2(N-1)                               S/N
-tree                critical path of the binary tree     S
-                    (2 for N=2, 4 for N=3, 5 for N=4)
-recursive_doubling  log2(P), +2 if N != P                S
-                    (P: the largest power of two <= N)
-parameter_server    2(N-1) (all through the root)        S
-library             as ring (gloo and MPICH use a ring
-                    for large messages)
-==================  ===================================  ==========
+==================  ==================  ==================  =========
+collective          steps, full duplex  steps, half duplex  m (bytes)
+==================  ==================  ==================  =========
+ring                2(N-1)              4(N-1)              S/N
+tree                tree_steps(N)       tree_steps(N)       S
+recursive_doubling  log2(P) + f         2 log2(P) + f       S
+parameter_server    2(N-1)              2(N-1)              S
+library             as ring             as ring             S/N
+==================  ==================  ==================  =========
+
+``tree_steps(N)`` is the critical path of the binary tree's schedule (2 for N=2, 4 for
+N=3, 5 for N=4); P is the largest power of two <= N, and f = 2 (fold in, fold out) when
+N != P, else 0. The library is modelled as a ring: gloo and MPICH use one for large
+messages; the parameter server's 2(N-1) messages all go through the root.
 
 So the ring is 2(N-1)alpha + 2(N-1)/N * S * beta: its bandwidth term hardly grows with N,
-while the tree and the parameter server move the whole S on every step. The model
-counts neither the additions nor contention between ranks that share a machine.
+while the tree and the parameter server move the whole S on every step.
+
+Full duplex is the textbook assumption: in a step where a rank both sends and receives
+(the ring, recursive doubling), the two overlap. Half duplex counts them one after the
+other. That is the right count when sends block until received, as in labkit's
+hand-written collectives, and on one machine, where the cores copy the bytes of both
+directions. The tree and the parameter server never send and receive in the same step.
+The model counts neither the additions nor the time a rank waits for a core.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
@@ -72,7 +81,7 @@ def tree_steps(n: int) -> int:
     return max(arrival)
 
 
-def critical_path(collective: str, nbytes: float, n: int) -> tuple[int, float]:
+def critical_path(collective: str, nbytes: float, n: int, full_duplex: bool = True) -> tuple[int, float]:
     """(number of messages, bytes per message) along the collective's critical path."""
     if collective not in COLLECTIVES:
         raise ValueError(f"unknown collective {collective!r}; choose one of {', '.join(COLLECTIVES)}")
@@ -80,19 +89,22 @@ def critical_path(collective: str, nbytes: float, n: int) -> tuple[int, float]:
         raise ValueError(f"world size must be >= 1, got {n}")
     if n == 1:
         return 0, 0.0
+    per_exchange = 1 if full_duplex else 2  # messages in a step that sends and receives
     if collective in ("ring", "library"):
-        return 2 * (n - 1), nbytes / n
+        return 2 * (n - 1) * per_exchange, nbytes / n
     if collective == "tree":
         return tree_steps(n), nbytes
     if collective == "recursive_doubling":
         active = 1 << (n.bit_length() - 1)
-        return active.bit_length() - 1 + (2 if active != n else 0), nbytes
+        fold = 2 if active != n else 0  # one message in, one message out
+        return (active.bit_length() - 1) * per_exchange + fold, nbytes
     return 2 * (n - 1), nbytes  # parameter_server
 
 
-def predict(collective: str, nbytes: float, n: int, alpha: float, beta: float) -> float:
+def predict(collective: str, nbytes: float, n: int, alpha: float, beta: float,
+            full_duplex: bool = True) -> float:
     """Predicted seconds for an allreduce of ``nbytes`` over ``n`` ranks (see the table above)."""
-    steps, message = critical_path(collective, nbytes, n)
+    steps, message = critical_path(collective, nbytes, n, full_duplex)
     return steps * alpha + steps * message * beta
 
 
@@ -113,41 +125,47 @@ def least_squares(sizes, times) -> tuple[float, float]:
 
 
 def ping_pong(comm: Communicator, nbytes: int, repeats: int) -> float:
-    """One-way time (s) of ``nbytes`` between ranks 0 and 1: half the fastest round trip.
+    """One-way time (s) of ``nbytes`` to and from the partner rank (``rank ^ 1``).
 
-    The fastest, because on a shared machine other work only ever adds time (Python's
-    ``timeit`` takes the minimum for the same reason). Ranks 0 and 1 must both call it;
-    other ranks must not.
+    Half the median round trip of ``repeats``, after one warm-up. Both ranks of the pair
+    must call it; the even one sends first.
     """
     message = torch.zeros(nbytes, dtype=torch.uint8)
-    peer = 1 - comm.rank
+    peer = comm.rank ^ 1
     round_trips = []
     for _ in range(repeats + 1):  # the first round trip is a warm-up
         start = time.perf_counter()
-        if comm.rank == 0:
+        if comm.rank % 2 == 0:
             comm.send(message, peer, PING_TAG)
             comm.recv(message, peer, PING_TAG)
         else:
             comm.recv(message, peer, PING_TAG)
             comm.send(message, peer, PING_TAG)
         round_trips.append(time.perf_counter() - start)
-    return min(round_trips[1:]) / 2
+    return statistics.median(round_trips[1:]) / 2
 
 
 def fit_alpha_beta(comm: Communicator, sizes, repeats: int = 5) -> tuple[float, float]:
     """Measure a ping-pong between ranks 0 and 1 at each size and fit ``(alpha, beta)``.
 
-    Every rank of ``comm`` must call it (N >= 2); all get rank 0's fit.
+    Ranks 2 and 3, 4 and 5, ... ping-pong at the same time (with an odd N the last rank
+    waits), so that the links are measured as busy as in a collective, where every rank
+    communicates at once: on one machine the ranks share its cores and memory, on a
+    cluster the ranks of a node share its network card. Every rank of ``comm`` must call
+    it (N >= 2); all get rank 0's fit.
     """
     if comm.size < 2:
         raise ValueError("a ping-pong needs at least two ranks")
     sizes = [int(s) for s in sizes]
     if min(sizes) < 1:
         raise ValueError("ping-pong message sizes must be >= 1 byte")
+    times = []
+    for size in sizes:
+        comm.barrier()  # every pair starts each size together
+        if comm.rank ^ 1 < comm.size:
+            times.append(ping_pong(comm, size, repeats))
     fit = torch.zeros(2, dtype=torch.float64)
-    if comm.rank in (0, 1):
-        times = [ping_pong(comm, s, repeats) for s in sizes]
-        if comm.rank == 0:
-            fit[:] = torch.tensor(least_squares(sizes, times))
+    if comm.rank == 0:
+        fit[:] = torch.tensor(least_squares(sizes, times))
     comm.broadcast(fit, src=0)
     return float(fit[0]), float(fit[1])
