@@ -113,7 +113,8 @@ def run_rank(run_dir: str) -> int:
             print(describe(ctx.model, ctx.data.input_shape), flush=True)
         results = SYNC_MODES.get(config.sync)().run(ctx)
         ctx.event("finished")
-        comm.barrier()
+        if not SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss"):
+            comm.barrier()  # a mode that survives lost workers ends in step by itself
         if comm.rank == 0:
             summary = summarize(ctx, results)
             run.write_summary(summary)

@@ -4,9 +4,16 @@ One file per family; importing this package registers every mode in
 ``labkit.registry.SYNC_MODES``.
 """
 
-from . import allreduce  # noqa: F401
-from . import easgd, fedavg, gossip, local_sgd  # noqa: F401
-from . import hogwild, ps, ssp  # noqa: F401
+from . import (  # noqa: F401  # noqa: F401
+    allreduce,  # noqa: F401
+    easgd,
+    fedavg,
+    gossip,
+    hogwild,
+    local_sgd,
+    ps,
+    ssp,
+)
 from .base import RankContext, SyncMode
 
 __all__ = ["RankContext", "SyncMode"]

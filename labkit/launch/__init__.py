@@ -58,14 +58,14 @@ class RunResult:
 class Run:
     """A run in progress: a handle that never blocks unless asked to."""
 
-    def __init__(self, config, run: RunDir, job):
+    def __init__(self, config, run: RunDir, job, metrics_offset: int = 0):
         self.config = config
         self.rundir = run
         self.job = job
         self._stop_requested = False
         self._done = threading.Event()
         self._lost_workers: set[int] = set()
-        self._ranks = _RankWatch(run)
+        self._ranks = _RankWatch(run, metrics_offset)
         self._first_failure: tuple[int, str] | None = None
         self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
         self._monitor.start()
@@ -115,7 +115,9 @@ class Run:
     def _newly_dead(self) -> list[tuple[int, str]]:
         """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
         dead = {}
-        for rank, code in getattr(self.job, "rank_codes", dict)().items():
+        codes = getattr(self.job, "rank_codes", dict)()
+        # a rank killed by a signal died first; the others exited after noticing it
+        for rank, code in sorted(codes.items(), key=lambda rc: (rc[1] is None or rc[1] >= 0, rc[0])):
             if code not in (None, 0):
                 dead[rank] = signal_name(code)
         for rank, detail in self._ranks.poll():
@@ -215,9 +217,9 @@ class _RankWatch:
     one that died.
     """
 
-    def __init__(self, run: RunDir):
+    def __init__(self, run: RunDir, offset: int = 0):
         self.run = run
-        self.offset = 0
+        self.offset = offset  # a resumed run keeps its earlier attempts' events: skip them
         self.pids: dict[int, int] = {}
         self.ended: set[int] = set()
         self.died: list[tuple[int, str]] = []  # in the order the guards reported them
@@ -306,8 +308,9 @@ def launch(config) -> Run:
     """Validate ``config``, start its ranks, and return a :class:`Run` handle at once."""
     config.validate()
     config, run = prepare_run_dir(config)
+    offset = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
     job = LAUNCHERS.get(config.launcher)(config, run)
-    return Run(config, run, job)
+    return Run(config, run, job, metrics_offset=offset)
 
 
 def train(config, progress: bool = True) -> RunResult:
