@@ -145,7 +145,7 @@ def ping_pong(comm: Communicator, nbytes: int, repeats: int) -> float:
     return statistics.median(round_trips[1:]) / 2
 
 
-def fit_alpha_beta(comm: Communicator, sizes, repeats: int = 5) -> tuple[float, float]:
+def fit_alpha_beta(comm: Communicator, sizes, repeats: int = 9) -> tuple[float, float]:
     """Measure a ping-pong between ranks 0 and 1 at each size and fit ``(alpha, beta)``.
 
     Ranks 2 and 3, 4 and 5, ... ping-pong at the same time (with an odd N the last rank
