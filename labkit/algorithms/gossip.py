@@ -26,7 +26,8 @@ writes the summary only once every live rank has logged its last step.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -43,17 +44,23 @@ def no_compression(cfg):
 
 
 class Ring:
-    """This rank's place on the ring of live ranks, and the messages to its neighbours.
+    """This rank's place on the ring of live ranks, and its messages to and from its neighbours.
 
     A message is the weights followed by one number: 1 on a rank's final message, else 0.
+    One thread per neighbour keeps receiving that neighbour's messages into a mailbox, so a
+    send never waits for its receiver to be ready: with gloo's blocking sends, ranks that
+    sent to each other in a fixed order could otherwise wait on each other in a circle
+    (which a reroute, pairing two ranks that are a step apart, would bring about).
     """
 
-    def __init__(self, ctx: RankContext, sender: ThreadPoolExecutor):
+    def __init__(self, ctx: RankContext, size: int):
         self.ctx = ctx
-        self.sender = sender  # sends go out from a background thread while this one receives
+        self.size = size  # of a message
         self.dead: set[int] = set()
         self.finished: set[int] = set()  # neighbours whose final message has come
         self.told_final: set[int] = set()
+        self.mailboxes: dict[int, queue.Queue] = {}
+        self.listeners: list[threading.Thread] = []
 
     def neighbours(self) -> list[int]:
         """[left, right]: the live ranks just before and just after this one (one if the same)."""
@@ -69,62 +76,73 @@ class Ring:
             self.finished.discard(peer)
             self.ctx.event("gossip_reroute", lost=peer, neighbours=self.neighbours())
 
-    def _send_all(self, message, peers: list[int]) -> list[int]:
-        """Send ``message`` to each of ``peers``; return those that could not be reached."""
-        failed = []
-        for peer in peers:
+    def mailbox(self, peer: int) -> queue.Queue:
+        """``peer``'s messages as they come (None once receiving from it failed)."""
+        if peer not in self.mailboxes:
+            self.mailboxes[peer] = queue.Queue()
+            listener = threading.Thread(target=self._listen, args=(peer, self.mailboxes[peer]),
+                                        name=f"gossip-from-{peer}", daemon=True)
+            listener.start()
+            self.listeners.append(listener)
+        return self.mailboxes[peer]
+
+    def _listen(self, peer: int, mailbox: queue.Queue) -> None:
+        while True:
+            incoming = torch.empty(self.size)
             try:
-                self.ctx.comm.send(message, peer)
+                self.ctx.comm.recv(incoming, peer)
             except PeerError:
-                failed.append(peer)
-        return failed
+                mailbox.put(None)
+                return
+            mailbox.put(incoming)
+            if incoming[-1] == 1:
+                return
 
     def exchange(self, weights, final: bool) -> list:
-        """Send ``weights`` to the neighbours, receive one message from each; their weights.
+        """Send ``weights`` to the neighbours and take one message from each; their weights.
 
-        Sends go right, then left, while receives come from the left, then the right: on
-        a ring of blocking sends, every rank's first send then meets its right neighbour's
-        first receive, and nobody waits in a circle. The first rank found on each side is the
-        neighbour; if it is dead, the next live one on that side, and so on. A neighbour that
-        has sent its final message gets nothing more until this rank's own final message,
-        and is not waited for.
+        The first rank found on each side is the neighbour; if it is dead, the next live one
+        on that side, and so on. A neighbour that has sent its final message gets nothing
+        more until this rank's own final message, and is not waited for.
         """
         message = torch.cat([weights, weights.new_tensor([1.0 if final else 0.0])])
         sent, heard, received = set(), set(), []
         while True:
             around = self.neighbours()
-            if final:
-                to_send = [p for p in reversed(around) if p not in self.told_final and p not in sent]
-            else:
-                to_send = [p for p in reversed(around) if p not in self.finished and p not in sent]
-            to_hear = [p for p in around if p not in self.finished and p not in heard]
+            skip = self.told_final if final else self.finished
+            to_send = [p for p in around if p not in sent and p not in skip]
+            to_hear = [p for p in around if p not in heard and p not in self.finished]
             if not to_send and not to_hear:
                 return received
-            sending = self.sender.submit(self._send_all, message, to_send)
             for peer in to_hear:
-                incoming = torch.empty_like(message)
+                self.mailbox(peer)  # listen before sending, so that two new neighbours meet
+            for peer in to_send:
                 try:
-                    self.ctx.comm.recv(incoming, peer)
+                    self.ctx.comm.send(message, peer)
                 except PeerError:
+                    self.lose(peer)
+                    continue
+                sent.add(peer)
+                if final:
+                    self.told_final.add(peer)
+            for peer in to_hear:
+                if peer in self.dead:
+                    continue
+                incoming = self.mailbox(peer).get()
+                if incoming is None:
                     self.lose(peer)
                     continue
                 heard.add(peer)
                 received.append(incoming[:-1])
                 if incoming[-1] == 1:
                     self.finished.add(peer)
-            failed = sending.result()
-            for peer in to_send:
-                if peer in failed:
-                    self.lose(peer)
-                else:
-                    sent.add(peer)
-                    if final:
-                        self.told_final.add(peer)
 
     def drain(self, weights) -> None:
-        """After the last step: listen to each neighbour until its final message has come."""
+        """After the last step: read each neighbour's messages until its final one has come."""
         while any(p not in self.finished for p in self.neighbours()):
             self.exchange(weights, final=True)
+        for listener in self.listeners:
+            listener.join()
 
     def report_done(self) -> None:
         """Every rank tells rank 0 that it is done; rank 0 listens to every rank still alive."""
@@ -149,20 +167,19 @@ class GossipSGD(SyncMode):
         optimizer = ctx.make_optimizer(model.parameters())
         start = restore(ctx, model, optimizer)
         meter = TrainMeter(samples=start * ctx.batch_size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gossip-send") as sender:
-            ring = Ring(ctx, sender)
-            for step, epoch, x, y in ctx.batches(start):
-                loss, correct = ctx.forward_backward(model, x, y)
-                with ctx.timers.time("compute"):
-                    optimizer.step()
-                weights = parameters_to_vector(model.parameters()).detach()
-                with ctx.timers.time("comm"):
-                    theirs = ring.exchange(weights, final=step == ctx.total_steps)
-                with ctx.timers.time("compute"):
-                    vector_to_parameters(torch.stack([weights, *theirs]).mean(0), model.parameters())
-                meter.add(loss, correct, len(y))
-                end_step(ctx, step, epoch, meter, model, lambda: checkpoint_state(model, optimizer))
-            with ctx.timers.time("wait"):
-                ring.drain(parameters_to_vector(model.parameters()).detach())
-                ring.report_done()
+        ring = Ring(ctx, size=sum(p.numel() for p in model.parameters()) + 1)
+        for step, epoch, x, y in ctx.batches(start):
+            loss, correct = ctx.forward_backward(model, x, y)
+            with ctx.timers.time("compute"):
+                optimizer.step()
+            weights = parameters_to_vector(model.parameters()).detach()
+            with ctx.timers.time("comm"):
+                theirs = ring.exchange(weights, final=step == ctx.total_steps)
+            with ctx.timers.time("compute"):
+                vector_to_parameters(torch.stack([weights, *theirs]).mean(0), model.parameters())
+            meter.add(loss, correct, len(y))
+            end_step(ctx, step, epoch, meter, model, lambda: checkpoint_state(model, optimizer))
+        with ctx.timers.time("wait"):
+            ring.drain(parameters_to_vector(model.parameters()).detach())
+            ring.report_done()
         return {"model": model, "train_loss": meter.last_loss, "ranks_lost": sorted(ring.dead)}
