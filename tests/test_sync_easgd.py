@@ -149,10 +149,10 @@ def test_easgd_mode_reaches_93_percent(tmp_path, no_leftovers, mode, launcher):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sync_easgd_variants_compute_the_same_weights(tmp_path, no_leftovers):
-    """Variant 2 on a CPU and variant 3 (overlapped) compute exactly what variant 1 does;
-    compressing the elastic differences sends fewer bytes."""
+    """Variant 3 (overlapped) computes exactly what variant 1 does; compressing the elastic
+    differences sends fewer bytes."""
     results = {variant: train(tmp_path / f"v{variant}", sync="easgd-sync", easgd_variant=variant, steps=12)
-               for variant in (1, 2, 3)}
+               for variant in (1, 3)}
     assert all(r.status == "completed" for r in results.values())
     weights = [RunDir(r.run_dir).load_checkpoint()["model"] for r in results.values()]
     for other in weights[1:]:
