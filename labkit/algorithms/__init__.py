@@ -4,16 +4,7 @@ One file per family; importing this package registers every mode in
 ``labkit.registry.SYNC_MODES``.
 """
 
-from . import (  # noqa: F401  # noqa: F401
-    allreduce,  # noqa: F401
-    easgd,
-    fedavg,
-    gossip,
-    hogwild,
-    local_sgd,
-    ps,
-    ssp,
-)
+from . import allreduce, easgd, fedavg, gossip, hogwild, local_sgd, ps, ssp  # noqa: F401 - register the modes
 from .base import RankContext, SyncMode
 
 __all__ = ["RankContext", "SyncMode"]

@@ -12,6 +12,7 @@ freeze a notebook forever.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,12 +34,20 @@ class CommStats:
     messages_sent: int = 0
     comm_s: float = 0.0
     by_op: dict = field(default_factory=dict)
+    # threads of one rank (an asynchronous master serving several workers) share the counts
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, op: str, nbytes: int, messages: int = 1) -> None:
-        self.bytes_sent += int(nbytes)
-        self.messages_sent += int(messages)
-        b, m = self.by_op.get(op, (0, 0))
-        self.by_op[op] = (b + int(nbytes), m + int(messages))
+    def add(self, op: str, nbytes: int, messages: int = 1, seconds: float = 0.0) -> None:
+        with self.lock:
+            self.bytes_sent += int(nbytes)
+            self.messages_sent += int(messages)
+            self.comm_s += seconds
+            b, m = self.by_op.get(op, (0, 0))
+            self.by_op[op] = (b + int(nbytes), m + int(messages))
+
+    def add_time(self, seconds: float) -> None:
+        with self.lock:
+            self.comm_s += seconds
 
     def snapshot(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "messages_sent": self.messages_sent,
@@ -71,8 +80,7 @@ class Communicator:
         self._check_peer(dst, "dst")
         t0 = time.perf_counter()
         self._send(tensor.contiguous(), dst, tag)
-        self.stats.comm_s += time.perf_counter() - t0
-        self.stats.add("send", nbytes(tensor))
+        self.stats.add("send", nbytes(tensor), seconds=time.perf_counter() - t0)
 
     def recv(self, tensor: torch.Tensor, src: int | None = None, tag: int = 0) -> int:
         """Receive into ``tensor`` from ``src`` (any rank when None); return the sender."""
@@ -80,7 +88,7 @@ class Communicator:
             self._check_peer(src, "src")
         t0 = time.perf_counter()
         sender = self._recv(tensor, src, tag)
-        self.stats.comm_s += time.perf_counter() - t0
+        self.stats.add_time(time.perf_counter() - t0)
         return sender
 
     # --- collectives ------------------------------------------------------------
@@ -92,9 +100,8 @@ class Communicator:
             return tensor
         t0 = time.perf_counter()
         self._allreduce(tensor, op)
-        self.stats.comm_s += time.perf_counter() - t0
         self.stats.add("allreduce", 2 * (self.size - 1) * nbytes(tensor) // self.size,
-                       2 * (self.size - 1))
+                       2 * (self.size - 1), seconds=time.perf_counter() - t0)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -104,9 +111,8 @@ class Communicator:
             return tensor
         t0 = time.perf_counter()
         self._broadcast(tensor, src)
-        self.stats.comm_s += time.perf_counter() - t0
-        if self.rank == src:
-            self.stats.add("broadcast", nbytes(tensor))
+        self.stats.add("broadcast", nbytes(tensor) if self.rank == src else 0,
+                       1 if self.rank == src else 0, seconds=time.perf_counter() - t0)
         return tensor
 
     def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -115,15 +121,15 @@ class Communicator:
             return [tensor.clone()]
         t0 = time.perf_counter()
         out = self._allgather(tensor.contiguous())
-        self.stats.comm_s += time.perf_counter() - t0
-        self.stats.add("allgather", (self.size - 1) * nbytes(tensor), self.size - 1)
+        self.stats.add("allgather", (self.size - 1) * nbytes(tensor), self.size - 1,
+                       seconds=time.perf_counter() - t0)
         return out
 
     def barrier(self) -> None:
         if self.size > 1:
             t0 = time.perf_counter()
             self._barrier()
-            self.stats.comm_s += time.perf_counter() - t0
+            self.stats.add_time(time.perf_counter() - t0)
 
     def new_group(self, ranks: list[int]) -> "Communicator | None":
         """A communicator over ``ranks`` (for hybrid parallelism).
