@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from ..comm import collectives, mpiexec_path
+from ..comm import collectives, init, mpiexec_path
 from ..comm.costmodel import fit_alpha_beta, predict
 from ..launch.base import free_port, kill_group, spawn
 
@@ -61,6 +61,7 @@ LAUNCH_TIMEOUT_S = 900
 
 
 def library_allreduce(comm, tensor):
+    """The backend's own allreduce (torch.distributed's or MPI's)."""
     return comm.allreduce(tensor)
 
 
@@ -123,10 +124,8 @@ def rank_main(argv: list[str]) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.algorithms.split(",")
 
-    import labkit.comm
-
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    comm = labkit.comm.init()
+    comm = init()
     alpha, beta = fit_alpha_beta(comm, PING_PONG_SIZES)
     rows = []
     for size in sizes:
@@ -310,7 +309,7 @@ def main(argv: list[str]) -> int:
             print("labkit: bench allreduce: no mpiexec found, MPI_Allreduce is left out", file=sys.stderr)
 
     report = {"world_size": args.n, "dtype": "float32", "copy_gbps": copy_bandwidth() / 1e9,
-              "launches": [], "rows": []}
+              "model": "alpha-beta, half duplex", "launches": [], "rows": []}
     total = len(sizes) * sum(len(names) for _, names in launches)
     with tqdm(total=total, desc="allreduce", unit="measurement", file=sys.stderr) as progress:
         for backend, names in launches:
