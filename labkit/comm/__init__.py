@@ -11,6 +11,7 @@ and the backend from LABKIT_BACKEND (default gloo).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 
@@ -92,7 +93,9 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise PeerError("MASTER_ADDR and MASTER_PORT are not set: start the ranks with "
                         "`labkit launch`, torchrun or a labkit SLURM script")
-    return TorchDistCommunicator.from_env(backend, env_rank(), size, timeout)
+    comm = TorchDistCommunicator.from_env(backend, env_rank(), size, timeout)
+    atexit.register(comm.close)  # gloo aborts at exit if the group was never destroyed
+    return comm
 
 
 def mpiexec_path() -> str | None:
