@@ -225,3 +225,28 @@ def end_step(ctx: RankContext, step: int, epoch: int, meter: TrainMeter, model: 
         ctx.log_eval(step, epoch, model)
     if state is not None and ctx.rank == 0 and (last or (ctx.checkpoint_every and step % ctx.checkpoint_every == 0)):
         ctx.run.save_checkpoint(step, state())
+
+
+# --- modes with a master: rank 0 serves, ranks 1..N-1 train ----------------------------
+def needs_a_worker(config) -> tuple[str, str] | None:
+    """The ``validate`` check of the modes with a master: at least one worker besides rank 0."""
+    if config.workers < 2:
+        return ("--workers", f"{config.sync} needs at least 2 ranks: rank 0 is the parameter server and "
+                             "ranks 1.. are the workers that train")
+    return None
+
+
+def use_worker_steps(ctx: RankContext) -> None:
+    """Make ``--epochs`` count passes of each worker over its shard, 1/(N-1) of the data.
+
+    The master holds no data, so the training set is split N-1 ways, not N ways;
+    ``--steps`` (steps per rank) is taken as it is.
+    """
+    if ctx.options.get("steps") is None:
+        epochs = ctx.total_steps // ctx.steps_per_epoch
+        ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
+
+
+def worker_batches(ctx: RankContext, start: int):
+    """Worker r trains on shard r-1 of the N-1 workers (the master has no shard)."""
+    return ctx.batches(start, rank=ctx.rank - 1, world=ctx.world - 1)

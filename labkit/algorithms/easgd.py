@@ -53,7 +53,17 @@ from ..comm.buckets import FlatGradients
 from ..compress.communicate import recv_compressed, send_compressed
 from ..data import batches_per_epoch
 from ..registry import SYNC_MODES
-from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
+from .base import (
+    RankContext,
+    SyncMode,
+    TrainMeter,
+    checkpoint_state,
+    end_step,
+    needs_a_worker,
+    restore,
+    use_worker_steps,
+    worker_batches,
+)
 
 
 # --- the update rules --------------------------------------------------------------------------
@@ -99,30 +109,14 @@ MASTER = 0
 FINISHED = -1  # the step a worker reports once it has logged its last step and leaves
 
 
-def needs_a_worker(cfg):
-    if cfg.workers < 2:
-        return "--workers", f"{cfg.sync} needs at least 2 ranks: the master (rank 0) and a worker"
-    return None
 
 
 def worker_ranks(ctx: RankContext) -> list[int]:
     return list(range(1, ctx.world))
 
 
-def use_worker_steps(ctx: RankContext) -> None:
-    """Make ``ctx.total_steps`` the steps of one worker: ``--epochs`` passes over its 1/G shard.
-
-    The master holds no data, so the training set is split G = N − 1 ways, not N ways.
-    ``--steps`` (steps per rank) is taken as it is.
-    """
-    if ctx.options.get("steps") is None:
-        epochs = ctx.total_steps // ctx.steps_per_epoch
-        ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
 
 
-def worker_batches(ctx: RankContext, start: int):
-    """This worker's batches: shard ``rank - 1`` of G."""
-    return ctx.batches(start, rank=ctx.rank - 1, world=ctx.world - 1)
 
 
 def send_tensor(ctx: RankContext, tensor, dst: int, compressed: bool = False) -> None:

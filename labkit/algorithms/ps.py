@@ -72,22 +72,23 @@ import torch
 from ..comm import PeerError
 from ..comm.buckets import FlatGradients
 from ..compress.communicate import recv_compressed, send_compressed
-from ..data import batches_per_epoch
 from ..registry import SYNC_MODES
-from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
+from .base import (
+    RankContext,
+    SyncMode,
+    TrainMeter,
+    checkpoint_state,
+    end_step,
+    needs_a_worker,
+    restore,
+    use_worker_steps,
+    worker_batches,
+)
 
 MASTER = 0
 FINISHED = -1  # the step of the Report a worker sends when it has no batches left
 
 
-def needs_a_worker(mode: str):
-    """The ``validate`` check of the modes with a master: at least one worker besides rank 0."""
-    def check(config):
-        if config.workers < 2:
-            return ("--workers", f"{mode} needs at least 2 ranks: rank 0 is the parameter server "
-                                 "and ranks 1.. are the workers that train")
-        return None
-    return check
 
 
 # --- what travels between workers and master ---------------------------------------------
@@ -223,26 +224,14 @@ def staleness_summary(histogram: Counter) -> dict:
             "staleness_histogram": {str(s): histogram[s] for s in sorted(histogram)}}
 
 
-def use_worker_steps(ctx: RankContext) -> None:
-    """Make ``--epochs`` count passes of each worker over its shard, 1/(N-1) of the data.
-
-    The master holds no data, so the training set is split N-1 ways, not N ways;
-    ``--steps`` is taken as it is.
-    """
-    if ctx.options.get("steps") is None:
-        epochs = ctx.total_steps // ctx.steps_per_epoch
-        ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
 
 
-def worker_batches(ctx: RankContext, start: int):
-    """Worker r trains on shard r-1 of the N-1 workers (the master has no shard)."""
-    return ctx.batches(start, rank=ctx.rank - 1, world=ctx.world - 1)
 
 
 # --- ps-sync ----------------------------------------------------------------------------
 @SYNC_MODES.register("ps-sync", help="parameter server, synchronous: the master averages every "
                                      "worker's gradient, updates and broadcasts the weights",
-                     validate=needs_a_worker("ps-sync"))
+                     validate=needs_a_worker)
 class ParameterServerSync(SyncMode):
     def run(self, ctx: RankContext) -> dict:
         use_worker_steps(ctx)
@@ -401,7 +390,7 @@ class AsyncMaster:
 
 @SYNC_MODES.register("ps-async", help="parameter server, asynchronous (Downpour): the master "
                                       "applies each gradient as it comes and logs its staleness",
-                     validate=needs_a_worker("ps-async"), survives_worker_loss=True)
+                     validate=needs_a_worker, survives_worker_loss=True)
 class ParameterServerAsync(SyncMode):
     def run(self, ctx: RankContext) -> dict:
         use_worker_steps(ctx)

@@ -55,7 +55,17 @@ import torch
 
 from ..comm.buckets import FlatGradients
 from ..registry import SYNC_MODES
-from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
+from .base import (
+    RankContext,
+    SyncMode,
+    TrainMeter,
+    checkpoint_state,
+    end_step,
+    needs_a_worker,
+    restore,
+    use_worker_steps,
+    worker_batches,
+)
 from .ps import (
     MASTER,
     Gradient,
@@ -63,13 +73,10 @@ from .ps import (
     WorkerReports,
     apply_mean,
     get_weights,
-    needs_a_worker,
     recv_gradient,
     send_gradient,
     set_weights,
     staleness_summary,
-    use_worker_steps,
-    worker_batches,
 )
 
 
@@ -86,7 +93,7 @@ def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
 
 @SYNC_MODES.register("ssp", help="stale-synchronous parallel: a parameter server where a worker "
                                  "may run at most --staleness steps ahead of the slowest",
-                     validate=needs_a_worker("ssp"))
+                     validate=needs_a_worker)
 class StaleSynchronous(SyncMode):
     def run(self, ctx: RankContext) -> dict:
         use_worker_steps(ctx)
