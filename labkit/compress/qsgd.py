@@ -34,16 +34,21 @@ class QSGDCompressor(Compressor):
         self.levels, self.bucket_size = levels, bucket_size
         self.level_dtype = torch.int8 if levels <= 127 else torch.int16
 
+    def buckets(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` as rows of ``bucket_size`` values, the last one padded with zeros."""
+        return F.pad(flat, (0, -flat.numel() % self.bucket_size)).view(-1, self.bucket_size)
+
     def encode(self, tensor, key):
         flat = tensor.reshape(-1).float()
-        buckets = F.pad(flat, (0, -flat.numel() % self.bucket_size)).view(-1, self.bucket_size)
+        buckets = self.buckets(flat)
         norms = torch.linalg.vector_norm(buckets, dim=1)
-        scaled = buckets.abs() * (self.levels / norms.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)
-        level = (scaled + torch.rand_like(scaled)).floor_().clamp_(max=self.levels)
-        signed = torch.copysign(level, buckets).view(-1)[:flat.numel()]
-        return Packet(tensor.shape, tensor.dtype, [norms, signed.to(self.level_dtype)])
+        levels_per_unit = (self.levels / norms.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)
+        # stochastic rounding: floor(s |x| / ||b|| + u) with u uniform in [0, 1), computed in place
+        level = torch.rand_like(buckets).addcmul_(buckets.abs(), levels_per_unit)
+        level.floor_().clamp_(max=self.levels).copysign_(buckets)
+        return Packet(tensor.shape, tensor.dtype, [norms, level.view(-1)[:flat.numel()].to(self.level_dtype)])
 
     def decompress(self, packet):
         norms, signed = packet.fields
-        step = (norms / self.levels).repeat_interleave(self.bucket_size)[:signed.numel()]
-        return (signed.float() * step).to(packet.dtype).view(packet.shape)
+        values = self.buckets(signed).float() * (norms / self.levels).unsqueeze(1)
+        return values.view(-1)[:signed.numel()].to(packet.dtype).view(packet.shape)
