@@ -36,7 +36,8 @@ class QSGDCompressor(Compressor):
 
     def buckets(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` as rows of ``bucket_size`` values, the last one padded with zeros."""
-        return F.pad(flat, (0, -flat.numel() % self.bucket_size)).view(-1, self.bucket_size)
+        padding = -flat.numel() % self.bucket_size
+        return (F.pad(flat, (0, padding)) if padding else flat).view(-1, self.bucket_size)
 
     def encode(self, tensor, key):
         flat = tensor.reshape(-1).float()
@@ -50,5 +51,5 @@ class QSGDCompressor(Compressor):
 
     def decompress(self, packet):
         norms, signed = packet.fields
-        values = self.buckets(signed).float() * (norms / self.levels).unsqueeze(1)
+        values = self.buckets(signed).float().mul_((norms / self.levels).unsqueeze(1))
         return values.view(-1)[:signed.numel()].to(packet.dtype).view(packet.shape)
