@@ -134,9 +134,11 @@ def test_parameters_take_the_type_of_their_default():
 def test_shape_and_dtype_survive(name, dtype):
     for shape in SHAPES:
         x = sample(shape, dtype)
+        original = x.clone()
         compressor = make_compressor(name)
         packet = compressor.compress(x, key="w")
         out = compressor.decompress(packet)
+        assert torch.equal(x, original), "compress must not change its input"
         assert out.shape == x.shape and out.dtype == dtype, (shape, dtype)
         assert torch.isfinite(out).all()
         again = compressor.decompress(Packet.from_wire(packet.to_wire()))

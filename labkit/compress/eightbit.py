@@ -26,9 +26,9 @@ class EightBitCompressor(Compressor):
     def encode(self, tensor, key):
         flat = tensor.reshape(-1).float()
         scale = flat.abs().max() / 127
-        quantized = torch.round(flat / scale.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.int8)
+        quantized = flat.div(scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().to(torch.int8)
         return Packet(tensor.shape, tensor.dtype, [scale.reshape(1), quantized])
 
     def decompress(self, packet):
         scale, quantized = packet.fields
-        return (quantized.float() * scale).to(packet.dtype).view(packet.shape)
+        return quantized.float().mul_(scale).to(packet.dtype).view(packet.shape)

@@ -26,12 +26,12 @@ class TernGradCompressor(Compressor):
     def encode(self, tensor, key):
         flat = tensor.reshape(-1).float()
         scale = flat.abs().max()
-        scaled = flat.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)  # in [0, 1]
-        kept = (scaled + torch.rand_like(scaled)).floor_().clamp_(max=1)  # 1 with probability scaled
-        ternary = torch.copysign(kept, flat)
-        return Packet(tensor.shape, tensor.dtype, [scale.reshape(1), pack_bits(ternary + 1, 2)])
+        scaled = flat.abs().div_(scale.clamp_min(torch.finfo(torch.float32).tiny))  # in [0, 1]
+        kept = scaled.add_(torch.rand_like(scaled)).floor_().clamp_(max=1)  # 1 with probability |x| / s
+        ternary = kept.copysign_(flat)
+        return Packet(tensor.shape, tensor.dtype, [scale.reshape(1), pack_bits(ternary.add_(1), 2)])
 
     def decompress(self, packet):
         scale, packed = packet.fields
-        ternary = unpack_bits(packed, 2, packet.shape.numel()).float() - 1
-        return (ternary * scale).to(packet.dtype).view(packet.shape)
+        ternary = unpack_bits(packed, 2, packet.shape.numel()).float().sub_(1)
+        return ternary.mul_(scale).to(packet.dtype).view(packet.shape)
