@@ -23,7 +23,7 @@ lab: setup
 
 ## make test: the whole suite, including the browser and SLURM tests
 test: setup system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 ## make test-fast: skip the slow end-to-end tests
 test-fast: setup
