@@ -190,6 +190,7 @@ class Compressor:
     summable = False  # packets of different ranks can be added field by field
     unbiased = False  # E[decompress(compress(x))] == x
     variable_size = False  # packet size depends on the values, not only on the shape
+    layerwise = False  # needs each layer's own shape (PowerSGD): never one flat buffer
 
     def __init__(self, error_feedback: bool = True):
         self.memory = self.make_memory() if error_feedback else None

@@ -36,9 +36,14 @@ class PowerSGDCompressor(Compressor):
     on every rank: compress the same keys in the same order everywhere. Vectors (1-D
     tensors, such as biases) are sent uncompressed.
 
+    It needs each weight's own shape (``layerwise``): the allreduce mode compresses
+    layer by layer instead of its one flat buffer.
+
     On the wire: P (n x r) and Q (m x r) in the tensor's dtype, r = min(rank, n, m); a
     vector as it is.
     """
+
+    layerwise = True
 
     def __init__(self, rank: int, error_feedback: bool = True):
         super().__init__(error_feedback)
