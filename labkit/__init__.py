@@ -9,10 +9,14 @@ __version__ = "0.1.0"
 
 # Filling the registries: every model, dataset, backend, sync mode, compressor and
 # launcher is registered when its module is imported, before anything lists choices.
-from . import data, models, parallel  # noqa: E402,F401
-from . import comm  # noqa: E402,F401
-from . import compress  # noqa: E402,F401
-from . import algorithms  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    algorithms,  # noqa: E402,F401
+    comm,  # noqa: E402,F401
+    compress,  # noqa: E402,F401
+    data,
+    models,
+    parallel,
+)
 from . import launch as _launch_pkg  # noqa: E402
 from .config import ConfigError, RunConfig  # noqa: E402
 from .launch import Run, RunResult, train  # noqa: E402

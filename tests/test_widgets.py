@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+import labkit
+import labkit.data
 from labkit.config import fields_info
 from labkit.registry import COMPRESSORS, SYNC_MODES, Entry
 from labkit.runs import RunDir
@@ -175,3 +177,21 @@ def test_event_loop_task_follows_the_run_to_its_end(tmp_path, no_leftovers):
     panel = asyncio.run(start_and_follow())
     assert not panel.running and panel.metrics.last_step == 30
     assert panel.table.rows()[0]["status"] == "completed"
+
+
+def test_modes_with_a_master_announce_their_step_count(tmp_path, no_leftovers):
+    """The master holds no data, so --epochs means more steps per worker: the bar counts to them."""
+    from labkit.launch import _ProgressBar
+
+    cfg = labkit.RunConfig(workers=3, sync="ps-sync", epochs=2, run_dir=str(tmp_path / "run"))
+    run = labkit.launch(cfg)
+    result = run.wait(timeout=240)
+    assert result.status == "completed", result.error
+    metrics = RunMetrics(tmp_path / "run")
+    metrics.update()
+    planned = cfg.total_steps(len(labkit.data.load_dataset("digits").y_train))
+    assert metrics.total_steps == metrics.last_step == result.summary["steps"] > planned
+    bar = _ProgressBar(run)
+    bar.update()
+    assert bar.bar.total == bar.bar.n == metrics.total_steps
+    bar.close()

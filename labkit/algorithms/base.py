@@ -245,6 +245,8 @@ def use_worker_steps(ctx: RankContext) -> None:
     if ctx.options.get("steps") is None:
         epochs = ctx.total_steps // ctx.steps_per_epoch
         ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
+        if ctx.rank == 0:  # the progress bar counts to this
+            ctx.event("total_steps", steps=ctx.total_steps)
 
 
 def worker_batches(ctx: RankContext, start: int):

@@ -270,7 +270,12 @@ class _ProgressBar:
         postfix = {}
         for record, offset in self.run.rundir.read_metrics_from(self.offset):
             self.offset = offset
-            if record.get("rank") != 0 or record.get("kind") not in ("train", "eval"):
+            if record.get("rank") != 0:
+                continue
+            if record.get("kind") == "event" and record.get("event") == "total_steps":
+                self.bar.total = record["steps"]
+                self.bar.refresh()
+            if record.get("kind") not in ("train", "eval"):
                 continue
             if record["kind"] == "train":
                 self.bar.update(max(0, record["step"] - self.step))

@@ -141,7 +141,8 @@ class ControlPanel(w.VBox):
         if ended:
             self._ended()
         elif self.metrics.last_step:
-            self.status.value = f"running: step {self.metrics.last_step} of {self._total_steps}"
+            total = self.metrics.total_steps or self._total_steps
+            self.status.value = f"running: step {self.metrics.last_step} of {total}"
         return not ended
 
     def _ended(self) -> None:

@@ -32,6 +32,7 @@ class RunMetrics:
         self.offset = 0
         self.train: list[dict] = []
         self.eval: list[dict] = []
+        self.total_steps: int | None = None  # set when a mode with a master announces it
 
     def update(self) -> bool:
         """Read the lines written since the last call; True when there were new records."""
@@ -42,6 +43,8 @@ class RunMetrics:
                 self.train.append(record)
             elif record.get("kind") == "eval":
                 self.eval.append(record)
+            elif record.get("event") == "total_steps" and record.get("rank") == 0:
+                self.total_steps = record["steps"]
         return len(self.train) + len(self.eval) > before
 
     @property
