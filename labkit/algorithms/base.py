@@ -228,6 +228,8 @@ def end_step(ctx: RankContext, step: int, epoch: int, meter: TrainMeter, model: 
 
 
 # --- modes with a master: rank 0 serves, ranks 1..N-1 train ----------------------------
+MASTER = 0
+
 def needs_a_worker(config) -> tuple[str, str] | None:
     """The ``validate`` check of the modes with a master: at least one worker besides rank 0."""
     if config.workers < 2:
@@ -247,6 +249,29 @@ def use_worker_steps(ctx: RankContext) -> None:
         ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
         if ctx.rank == 0:  # the progress bar counts to this
             ctx.event("total_steps", steps=ctx.total_steps)
+
+
+class MasterWorkerMode(SyncMode):
+    """A mode with a master: rank 0 serves (``master``), ranks 1..N-1 train (``worker``)."""
+
+    def run(self, ctx: RankContext) -> dict:
+        use_worker_steps(ctx)
+        return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
+
+    def master(self, ctx: RankContext) -> dict:
+        raise NotImplementedError
+
+    def worker(self, ctx: RankContext) -> dict:
+        raise NotImplementedError
+
+
+def master_optimizer(ctx: RankContext):
+    """The master's gradient buffer and optimizer, and the step it starts after (0, or the checkpoint's)."""
+    from ..comm.buckets import FlatGradients
+
+    grads = FlatGradients(ctx.model.parameters())
+    optimizer = ctx.make_optimizer(ctx.model.parameters())
+    return grads, optimizer, restore(ctx, ctx.model, optimizer)
 
 
 def worker_batches(ctx: RankContext, start: int):

@@ -74,18 +74,18 @@ from ..comm.buckets import FlatGradients
 from ..compress.communicate import recv_compressed, send_compressed
 from ..registry import SYNC_MODES
 from .base import (
+    MASTER,
+    MasterWorkerMode,
     RankContext,
-    SyncMode,
     TrainMeter,
     checkpoint_state,
     end_step,
+    master_optimizer,
     needs_a_worker,
     restore,
-    use_worker_steps,
     worker_batches,
 )
 
-MASTER = 0
 FINISHED = -1  # the step of the Report a worker sends when it has no batches left
 
 
@@ -232,16 +232,10 @@ def staleness_summary(histogram: Counter) -> dict:
 @SYNC_MODES.register("ps-sync", help="parameter server, synchronous: the master averages every "
                                      "worker's gradient, updates and broadcasts the weights",
                      validate=needs_a_worker)
-class ParameterServerSync(SyncMode):
-    def run(self, ctx: RankContext) -> dict:
-        use_worker_steps(ctx)
-        return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
-
+class ParameterServerSync(MasterWorkerMode):
     def master(self, ctx: RankContext) -> dict:
         model = ctx.model
-        grads = FlatGradients(model.parameters())
-        optimizer = ctx.make_optimizer(model.parameters())
-        start = restore(ctx, model, optimizer)
+        grads, optimizer, start = master_optimizer(ctx)
         meter = WorkerReports()
         for step in range(start + 1, ctx.total_steps + 1):
             received = []
@@ -391,10 +385,9 @@ class AsyncMaster:
 @SYNC_MODES.register("ps-async", help="parameter server, asynchronous (Downpour): the master "
                                       "applies each gradient as it comes and logs its staleness",
                      validate=needs_a_worker, survives_worker_loss=True)
-class ParameterServerAsync(SyncMode):
-    def run(self, ctx: RankContext) -> dict:
-        use_worker_steps(ctx)
-        return AsyncMaster(ctx).run() if ctx.rank == MASTER else self.worker(ctx)
+class ParameterServerAsync(MasterWorkerMode):
+    def master(self, ctx: RankContext) -> dict:
+        return AsyncMaster(ctx).run()
 
     def worker(self, ctx: RankContext) -> dict:
         model = ctx.model

@@ -56,14 +56,14 @@ import torch
 from ..comm.buckets import FlatGradients
 from ..registry import SYNC_MODES
 from .base import (
+    MasterWorkerMode,
     RankContext,
-    SyncMode,
     TrainMeter,
     checkpoint_state,
     end_step,
+    master_optimizer,
     needs_a_worker,
     restore,
-    use_worker_steps,
     worker_batches,
 )
 from .ps import (
@@ -94,16 +94,10 @@ def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
 @SYNC_MODES.register("ssp", help="stale-synchronous parallel: a parameter server where a worker "
                                  "may run at most --staleness steps ahead of the slowest",
                      validate=needs_a_worker)
-class StaleSynchronous(SyncMode):
-    def run(self, ctx: RankContext) -> dict:
-        use_worker_steps(ctx)
-        return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
-
+class StaleSynchronous(MasterWorkerMode):
     def master(self, ctx: RankContext) -> dict:
         model = ctx.model
-        grads = FlatGradients(model.parameters())
-        optimizer = ctx.make_optimizer(model.parameters())
-        slowest = restore(ctx, model, optimizer)  # the checkpoint holds the weights of the slowest clock
+        grads, optimizer, slowest = master_optimizer(ctx)  # a checkpoint holds the slowest clock's weights
         staleness_limit = ctx.options["staleness"]
         workers = list(range(1, ctx.world))
         clock = dict.fromkeys(workers, slowest)
