@@ -69,7 +69,21 @@ DIGITS_TEST_FRACTION = 0.2
 @DATASETS.register("digits", help="scikit-learn's 8x8 handwritten digits (1797 images, embedded)",
                    needs_data_dir=False)
 def load_digits(data_dir: str | None = None) -> Dataset:
-    """1797 8x8 grey images of digits; a fixed stratified 80/20 train/test split."""
+    """1797 8x8 grey images of digits; a fixed stratified 80/20 train/test split.
+
+    The split is kept in a small cache file (see :func:`cache_dir`): importing
+    scikit-learn and parsing its CSV takes over a second, and every rank of every run
+    loads the data.
+    """
+    cached = _read_digits_cache()
+    if cached is None:
+        cached = _split_digits()
+        _write_digits_cache(cached)
+    x_tr, y_tr, x_te, y_te = cached
+    return _make("digits", x_tr, y_tr, x_te, y_te, 10)
+
+
+def _split_digits():
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -78,7 +92,53 @@ def load_digits(data_dir: str | None = None) -> Dataset:
     # The split does not depend on the run's seed, so every run is tested on the same images.
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=DIGITS_TEST_FRACTION,
                                               random_state=0, stratify=y)
-    return _make("digits", x_tr, y_tr, x_te, y_te, 10)
+    return x_tr, y_tr, x_te, y_te
+
+
+def cache_dir() -> Path:
+    """Where labkit keeps derived files: $LABKIT_CACHE_DIR, else $XDG_CACHE_HOME/labkit."""
+    if os.environ.get("LABKIT_CACHE_DIR"):
+        return Path(os.environ["LABKIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit"
+
+
+def _digits_cache_path() -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sklearn_version = version("scikit-learn")
+    except PackageNotFoundError:
+        sklearn_version = "unknown"
+    return cache_dir() / f"digits-split1-sklearn{sklearn_version}.npz"
+
+
+def _read_digits_cache():
+    """The cached split, or None when it is missing or unreadable (then it is made anew)."""
+    try:
+        with np.load(_digits_cache_path(), allow_pickle=False) as f:
+            arrays = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    n_test = math.ceil(1797 * DIGITS_TEST_FRACTION)
+    if arrays[0].shape != (1797 - n_test, 1, 8, 8) or arrays[2].shape != (n_test, 1, 8, 8):
+        return None
+    return arrays
+
+
+def _write_digits_cache(arrays) -> None:
+    """Write the split atomically (a temp file, then rename); a cache that cannot be written is skipped."""
+    path = _digits_cache_path()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 # --- MNIST (IDX files) ---------------------------------------------------------------

@@ -33,6 +33,26 @@ def test_digits_standardized_with_training_statistics():
     assert torch.equal(d.x_test, again.x_test)  # deterministic split
 
 
+def test_digits_split_is_cached_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
+    from labkit import data
+
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_dataset("digits")  # no cache yet: scikit-learn makes the split
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert cache.suffix == ".npz" and not list(cache.parent.glob(".*.tmp"))
+    fresh = data._make("digits", *data._split_digits(), 10)
+    cached = load_dataset("digits")
+    for d in (first, cached):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(d, key), getattr(fresh, key)), key
+    cache.write_bytes(b"not an npz file")  # a damaged cache is ignored and written anew
+    assert torch.equal(load_dataset("digits").x_train, fresh.x_train)
+    assert np.load(cache)["x_train"].shape == (train_size("digits", None), 1, 8, 8)
+    (tmp_path / "a-file").write_text("")  # a cache that cannot be written costs only time
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert torch.equal(load_dataset("digits").y_test, fresh.y_test)
+
+
 def _write_idx(path, array, gz=False):
     codes = {np.uint8: 0x08}
     header = struct.pack(">BBBB", 0, 0, codes[array.dtype.type], array.ndim)
