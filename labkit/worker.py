@@ -93,6 +93,25 @@ def summarize(ctx: RankContext, results: dict) -> dict:
     }
 
 
+_peers_lost = False  # set when this rank's communicator learnt of a dead rank
+
+
+def _learn_deaths_from_sigusr1(comm, run: RunDir) -> None:
+    """mpiexec -disable-auto-cleanup tells the surviving ranks that one died with SIGUSR1.
+
+    By then the dead rank's guard has written a ``rank_died`` event; the communicator
+    learns which rank it was, so that waiting on it fails at once (MPI itself would wait
+    for the timeout). The mode then goes on without that worker.
+    """
+    def on_sigusr1(signum, frame):
+        try:
+            comm.mark_lost(e["rank"] for e in run.metrics(kind="event") if e.get("event") == "rank_died")
+        except (OSError, ValueError, KeyError):
+            pass
+
+    signal.signal(signal.SIGUSR1, on_sigusr1)
+
+
 def run_rank(run_dir: str) -> int:
     run = RunDir(run_dir)
     meta = run.read_config()
@@ -107,6 +126,8 @@ def run_rank(run_dir: str) -> int:
     comm = None
     try:
         comm = comm_pkg.init(config.backend, config.timeout)
+        if SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss") and hasattr(signal, "SIGUSR1"):
+            _learn_deaths_from_sigusr1(comm, run)
         ctx = build_context(config, comm, run, meta["start_time"])
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
         if comm.rank == 0:
@@ -141,6 +162,8 @@ def run_rank(run_dir: str) -> int:
     finally:
         if comm is not None:
             comm.close()
+            global _peers_lost
+            _peers_lost = bool(comm.lost)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     code = run_rank(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()
-    if code != 0 and os.environ.get("LABKIT_BACKEND") == "mpi":
+    if (code != 0 or _peers_lost) and os.environ.get("LABKIT_BACKEND") == "mpi":
         os._exit(code)  # do not wait in MPI_Finalize for ranks that will never arrive
     return code
 

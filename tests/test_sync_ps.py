@@ -218,6 +218,28 @@ def test_async_modes_survive_a_lost_worker(tmp_path, no_leftovers, sync):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(250)
+@pytest.mark.parametrize("sync, backend", [("ps-async", "mpi"), ("easgd-async", "gloo"), ("gossip", "mpi")])
+def test_async_modes_survive_a_lost_worker_under_mpiexec(tmp_path, no_leftovers, sync, backend):
+    """mpiexec ends a whole job when one rank dies, unless told not to (-disable-auto-cleanup).
+
+    With the mpi backend the survivors learn which rank died from mpiexec's SIGUSR1 and
+    the guard's event; MPI itself would have them wait on it until the timeout.
+    """
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    proc = start_run(run_dir, sync, "--steps", 150, "--launcher", "mpi", "--backend", backend)
+    kill_rank_when(proc, run_dir, 2, master_step_at_least(20))
+    code, err = finish(proc)
+    summary = RunDir(run_dir).read_summary()
+    seen = (summary, [e for e in RunDir(run_dir).metrics(kind="event") if e["event"] != "started"])
+    assert code == 0, err + summary.get("error", "")
+    assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.9, seen
+    assert summary.get("workers_lost", summary.get("ranks_lost")) == [2], seen
+    assert time.monotonic() - start < 60, seen  # nobody waited for the dead rank's timeout (120 s)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("sync, rank, exact", [("ps-sync", 2, True), ("ssp", 2, False), ("ps-async", 0, False)],
                          ids=["ps-sync-worker", "ssp-worker", "ps-async-master"])

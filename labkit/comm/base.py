@@ -73,6 +73,15 @@ class Communicator:
         self.size = size
         self.timeout = timeout
         self.stats = CommStats()
+        self.lost: set[int] = set()  # ranks known to be dead (see mark_lost)
+
+    def mark_lost(self, ranks) -> None:
+        """Note ranks known to be dead, so that waits on them fail at once.
+
+        gloo and NCCL see a closed connection by themselves; MPI does not, so a rank that
+        learns of a death from its launcher (mpiexec's SIGUSR1) tells its communicator.
+        """
+        self.lost.update(int(r) for r in ranks if int(r) != self.rank)
 
     # --- point to point ---------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from .base import Communicator, PeerError
 
+ALL = "all"  # the peer of a collective: every rank
 _REDUCIBLE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8}
 
 
@@ -36,15 +37,22 @@ class MPICommunicator(Communicator):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
 
-    def _wait(self, request, op: str):
-        """Poll ``request`` until done; PeerError after ``timeout`` seconds."""
+    def _wait(self, request, op: str, peer: int | None = ALL):
+        """Poll ``request`` until done; PeerError after ``timeout`` seconds.
+
+        ``peer`` is the rank the operation waits on (``ALL`` for a collective, None for a
+        receive from any rank): when it is known to be dead (``mark_lost``), PeerError at once.
+        """
         MPI = _mpi()
         status = MPI.Status()
         start = time.monotonic()
         deadline = start + self.timeout
         # MPICH progresses non-blocking collectives only inside Test: poll eagerly (yielding
         # the core) for the first 20 ms, then back off to short sleeps.
-        while not request.Test(status):
+        while not self._test(request, status, op):
+            if self.lost and (peer is ALL or peer in self.lost):
+                gone = peer if peer is not ALL else min(self.lost)
+                raise PeerError(f"{op}: rank {gone} is gone (its process died)")
             now = time.monotonic()
             if now - start < 0.02:
                 os.sched_yield()
@@ -56,6 +64,16 @@ class MPICommunicator(Communicator):
         return status
 
     @staticmethod
+    def _test(request, status, op: str) -> bool:
+        """``request.Test``; an MPI error (a peer's process is gone) becomes PeerError."""
+        MPI = _mpi()
+        try:
+            return request.Test(status)
+        except MPI.Exception as error:
+            reason = error.Get_error_string().splitlines()[0] if error.Get_error_string() else str(error)
+            raise PeerError(f"{op}: MPI error from a peer rank ({reason}); a rank died or left") from None
+
+    @staticmethod
     def _check_cpu(tensor):
         if tensor.device.type != "cpu":
             raise ValueError("the mpi backend moves CPU tensors; use --backend nccl for GPU tensors")
@@ -64,13 +82,13 @@ class MPICommunicator(Communicator):
 
     def _send(self, tensor, dst, tag):
         self._check_cpu(tensor)
-        self._wait(self.comm.Isend(_as_bytes(tensor), dest=dst, tag=tag), "send")
+        self._wait(self.comm.Isend(_as_bytes(tensor), dest=dst, tag=tag), "send", dst)
 
     def _recv(self, tensor, src, tag):
         self._check_cpu(tensor)
         MPI = _mpi()
         source = MPI.ANY_SOURCE if src is None else src
-        status = self._wait(self.comm.Irecv(_as_bytes(tensor), source=source, tag=tag), "recv")
+        status = self._wait(self.comm.Irecv(_as_bytes(tensor), source=source, tag=tag), "recv", src)
         return status.Get_source()
 
     def _allreduce(self, tensor, op):

@@ -7,7 +7,7 @@ fraction of a second, so from the outside it is hard to tell which rank died fir
 guard sits between the launcher and the rank: it sees its own child die first, writes a
 ``rank_died`` event to the run's metrics at once, and only then exits, so the launcher
 (and its killing of the others) comes after the report. The child is killed with the
-guard (PR_SET_PDEATHSIG) and SIGTERM/SIGINT are passed on to it.
+guard (PR_SET_PDEATHSIG) and SIGTERM, SIGINT and SIGUSR1 are passed on to it.
 
 This file is run by path and imports only the standard library, so that it starts in
 milliseconds and never loads torch.
@@ -50,7 +50,8 @@ def main(run_dir: str) -> int:
     # close_fds=False: the rank needs the descriptors its launcher handed down (PMI_FD)
     child = subprocess.Popen([sys.executable, "-m", "labkit.worker", run_dir], close_fds=False,
                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR1 is how mpiexec -disable-auto-cleanup tells the ranks that one of them died
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, lambda s, f: child.send_signal(s))
     code = child.wait()
     if code not in CLEAN_EXITS:

@@ -25,10 +25,15 @@ class MPIJob:
         env = rank_env(config, run.path)
         env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LABKIT_RANK_LOGS": "1",
                     "LOCAL_WORLD_SIZE": str(config.workers)})
-        # When a rank dies, mpiexec ends all the others (an MPI job lives or dies as a
-        # whole, so under this launcher even the asynchronous modes end with the run).
-        # Each rank runs behind its guard, which reports its death before mpiexec acts.
-        cmd = [mpiexec_path(), "-n", str(config.workers), *guarded_rank(run.path)]
+        # When a rank dies, mpiexec ends all the others: an MPI job lives or dies as a
+        # whole. Modes that survive the loss of a worker ask it not to
+        # (-disable-auto-cleanup); the run's monitor still ends the job when the master
+        # dies. Each rank runs behind its guard, which reports its death first.
+        from ..registry import SYNC_MODES
+
+        survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
+        cmd = [mpiexec_path(), *(["-disable-auto-cleanup"] if survives else []),
+               "-n", str(config.workers), *guarded_rank(run.path)]
         self.proc = spawn(cmd, env, run.log_dir / "launcher.log")
         self.description = f"mpiexec -n {config.workers} (pid {self.proc.pid})"
 
