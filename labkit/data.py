@@ -63,6 +63,7 @@ def _make(name, x_train, y_train, x_test, y_test, num_classes) -> Dataset:
 
 
 # --- scikit-learn digits ------------------------------------------------------------
+DIGITS_SAMPLES = 1797
 DIGITS_TEST_FRACTION = 0.2
 
 
@@ -119,8 +120,8 @@ def _read_digits_cache():
             arrays = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
     except (OSError, KeyError, ValueError, EOFError):
         return None
-    n_test = math.ceil(1797 * DIGITS_TEST_FRACTION)
-    if arrays[0].shape != (1797 - n_test, 1, 8, 8) or arrays[2].shape != (n_test, 1, 8, 8):
+    n_train = train_size("digits", None)
+    if arrays[0].shape != (n_train, 1, 8, 8) or arrays[2].shape != (DIGITS_SAMPLES - n_train, 1, 8, 8):
         return None
     return arrays
 
@@ -273,7 +274,7 @@ def check_data_dir(name: str, data_dir: str | None) -> None:
 def train_size(name: str, data_dir: str | None) -> int:
     """Number of training samples, read cheaply (headers only where possible)."""
     if name == "digits":
-        return 1797 - math.ceil(1797 * DIGITS_TEST_FRACTION)  # as train_test_split rounds
+        return DIGITS_SAMPLES - math.ceil(DIGITS_SAMPLES * DIGITS_TEST_FRACTION)  # as train_test_split rounds
     if name == "synthetic":
         return 8192
     if name == "mnist":

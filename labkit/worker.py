@@ -113,6 +113,7 @@ def _learn_deaths_from_sigusr1(comm, run: RunDir) -> None:
 
 
 def run_rank(run_dir: str) -> int:
+    global _peers_lost
     run = RunDir(run_dir)
     meta = run.read_config()
     config = RunConfig.from_dict(meta["config"])
@@ -126,7 +127,8 @@ def run_rank(run_dir: str) -> int:
     comm = None
     try:
         comm = comm_pkg.init(config.backend, config.timeout)
-        if SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss") and hasattr(signal, "SIGUSR1"):
+        survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
+        if survives and hasattr(signal, "SIGUSR1"):
             _learn_deaths_from_sigusr1(comm, run)
         ctx = build_context(config, comm, run, meta["start_time"])
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
@@ -134,7 +136,7 @@ def run_rank(run_dir: str) -> int:
             print(describe(ctx.model, ctx.data.input_shape), flush=True)
         results = SYNC_MODES.get(config.sync)().run(ctx)
         ctx.event("finished")
-        if not SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss"):
+        if not survives:
             comm.barrier()  # a mode that survives lost workers ends in step by itself
         if comm.rank == 0:
             summary = summarize(ctx, results)
@@ -162,7 +164,6 @@ def run_rank(run_dir: str) -> int:
     finally:
         if comm is not None:
             comm.close()
-            global _peers_lost
             _peers_lost = bool(comm.lost)
 
 

@@ -6,8 +6,8 @@ import time
 import pytest
 
 import labkit
-import labkit.data
 from labkit.config import fields_info
+from labkit.data import train_size
 from labkit.registry import COMPRESSORS, SYNC_MODES, Entry
 from labkit.runs import RunDir
 from labkit.widgets import ControlPanel, RunMetrics
@@ -189,7 +189,7 @@ def test_modes_with_a_master_announce_their_step_count(tmp_path, no_leftovers):
     assert result.status == "completed", result.error
     metrics = RunMetrics(tmp_path / "run")
     metrics.update()
-    planned = cfg.total_steps(len(labkit.data.load_dataset("digits").y_train))
+    planned = cfg.total_steps(train_size("digits", None))
     assert metrics.total_steps == metrics.last_step == result.summary["steps"] > planned
     bar = _ProgressBar(run)
     bar.update()

@@ -18,12 +18,12 @@ from ..registry import SYNC_MODES
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
 
-def average_gradients(ctx: RankContext, flat, named_grads=()) -> None:
+def average_gradients(ctx: RankContext, flat, model=None) -> None:
     """Replace ``flat`` (this rank's gradient) by the average over all ranks.
 
     With a compressor, the flat buffer is compressed as one tensor, except for a
     ``layerwise`` compressor (PowerSGD), which needs each weight matrix's own shape:
-    then every gradient in ``named_grads`` (views into ``flat``) goes on its own.
+    then each of ``model``'s gradients (views into ``flat``) goes on its own, keyed by name.
     """
     if ctx.world == 1 and ctx.compressor is None:
         return
@@ -34,8 +34,9 @@ def average_gradients(ctx: RankContext, flat, named_grads=()) -> None:
             from ..compress.communicate import allreduce_compressed
 
             if ctx.compressor.layerwise:
-                for name, grad in named_grads:
-                    grad.copy_(allreduce_compressed(ctx.comm, ctx.compressor, grad, key=name))
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.grad.copy_(allreduce_compressed(ctx.comm, ctx.compressor, p.grad, key=name))
             else:
                 flat.copy_(allreduce_compressed(ctx.comm, ctx.compressor, flat, key="grad"))
         flat.div_(ctx.world)
@@ -46,13 +47,12 @@ class AllreduceSGD(SyncMode):
     def run(self, ctx: RankContext) -> dict:
         model = ctx.model
         grads = FlatGradients(model.parameters())
-        named_grads = [(name, p.grad) for name, p in model.named_parameters() if p.requires_grad]
         optimizer = ctx.make_optimizer(model.parameters())
         start = restore(ctx, model, optimizer)
         meter = TrainMeter(samples=start * ctx.batch_size)
         for step, epoch, x, y in ctx.batches(start):
             loss, correct = ctx.forward_backward(model, x, y)
-            average_gradients(ctx, grads.buffer, named_grads)
+            average_gradients(ctx, grads.buffer, model)
             with ctx.timers.time("compute"):
                 optimizer.step()
             meter.add(loss, correct, len(y))

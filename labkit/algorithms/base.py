@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..comm.buckets import FlatGradients
 from ..data import Dataset, batches_per_epoch, shard_indices
 from ..runs import RunDir
 
@@ -267,8 +268,6 @@ class MasterWorkerMode(SyncMode):
 
 def master_optimizer(ctx: RankContext):
     """The master's gradient buffer and optimizer, and the step it starts after (0, or the checkpoint's)."""
-    from ..comm.buckets import FlatGradients
-
     grads = FlatGradients(ctx.model.parameters())
     optimizer = ctx.make_optimizer(ctx.model.parameters())
     return grads, optimizer, restore(ctx, ctx.model, optimizer)

@@ -50,8 +50,8 @@ class MPICommunicator(Communicator):
         # MPICH progresses non-blocking collectives only inside Test: poll eagerly (yielding
         # the core) for the first 20 ms, then back off to short sleeps.
         while not self._test(request, status, op):
-            if self.lost and (peer is ALL or peer in self.lost):
-                gone = peer if peer is not ALL else min(self.lost)
+            if self.lost and (peer == ALL or peer in self.lost):
+                gone = min(self.lost) if peer == ALL else peer
                 raise PeerError(f"{op}: rank {gone} is gone (its process died)")
             now = time.monotonic()
             if now - start < 0.02:
@@ -70,7 +70,7 @@ class MPICommunicator(Communicator):
         try:
             return request.Test(status)
         except MPI.Exception as error:
-            reason = error.Get_error_string().splitlines()[0] if error.Get_error_string() else str(error)
+            reason = (error.Get_error_string() or str(error)).splitlines()[0]
             raise PeerError(f"{op}: MPI error from a peer rank ({reason}); a rank died or left") from None
 
     @staticmethod

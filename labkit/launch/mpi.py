@@ -8,7 +8,7 @@ then meet at MASTER_ADDR:MASTER_PORT, passed through mpiexec's environment).
 
 from __future__ import annotations
 
-from ..registry import LAUNCHERS
+from ..registry import LAUNCHERS, SYNC_MODES
 from .base import free_port, guarded_rank, kill_group, rank_env, spawn
 
 
@@ -29,8 +29,6 @@ class MPIJob:
         # whole. Modes that survive the loss of a worker ask it not to
         # (-disable-auto-cleanup); the run's monitor still ends the job when the master
         # dies. Each rank runs behind its guard, which reports its death first.
-        from ..registry import SYNC_MODES
-
         survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
         cmd = [mpiexec_path(), *(["-disable-auto-cleanup"] if survives else []),
                "-n", str(config.workers), *guarded_rank(run.path)]
