@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-STATUSES = ("running", "completed", "failed", "stopped")
 KEEP_CHECKPOINTS = 2
 
 
@@ -193,6 +192,25 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, status={self.status})"
+
+
+class MetricsTail:
+    """Follows ``metrics.jsonl`` as it grows: each ``read()`` returns the complete lines
+    written since the last one. ``offset=None`` starts at the current end of the file
+    (a resumed run's earlier lines are skipped)."""
+
+    def __init__(self, run: RunDir | str | os.PathLike, offset: int | None = 0):
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        if offset is None:
+            offset = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
+        self.offset = offset
+
+    def read(self) -> list[dict]:
+        records = []
+        for record, offset in self.run.read_metrics_from(self.offset):
+            self.offset = offset
+            records.append(record)
+        return records
 
 
 def default_run_dir(model: str, sync: str, workers: int, root: str | os.PathLike | None = None) -> Path:

@@ -181,7 +181,7 @@ def test_event_loop_task_follows_the_run_to_its_end(tmp_path, no_leftovers):
 
 def test_modes_with_a_master_announce_their_step_count(tmp_path, no_leftovers):
     """The master holds no data, so --epochs means more steps per worker: the bar counts to them."""
-    from labkit.launch import _ProgressBar
+    from labkit.launch.progress import ProgressBar as _ProgressBar
 
     cfg = labkit.RunConfig(workers=3, sync="ps-sync", epochs=2, run_dir=str(tmp_path / "run"))
     run = labkit.launch(cfg)

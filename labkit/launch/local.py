@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from ..registry import LAUNCHERS
 from .base import free_port, kill_group, python, rank_env, spawn
 
@@ -29,16 +32,10 @@ class LocalJob:
             return None
         return next((c for c in codes if c != 0), 0)
 
-    def stop_rank(self, rank: int) -> None:
-        kill_group(self.procs[rank], grace=2.0)
-
     def stop(self, grace: float = 5.0) -> None:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    import os
-                    import signal
-
                     os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass

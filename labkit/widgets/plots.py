@@ -17,7 +17,7 @@ from collections import defaultdict
 import ipywidgets as w
 from matplotlib.figure import Figure
 
-from ..runs import RunDir
+from ..runs import MetricsTail
 
 MB = 1e6
 TIMES = (("compute_s", "compute", "tab:blue"), ("comm_s", "communication", "tab:orange"),
@@ -28,8 +28,7 @@ class RunMetrics:
     """The train and eval records of one run, read a little more at every ``update()``."""
 
     def __init__(self, run_dir):
-        self.rundir = RunDir(run_dir)
-        self.offset = 0
+        self.tail = MetricsTail(run_dir)
         self.train: list[dict] = []
         self.eval: list[dict] = []
         self.total_steps: int | None = None  # set when a mode with a master announces it
@@ -37,8 +36,7 @@ class RunMetrics:
     def update(self) -> bool:
         """Read the lines written since the last call; True when there were new records."""
         before = len(self.train) + len(self.eval)
-        for record, offset in self.rundir.read_metrics_from(self.offset):
-            self.offset = offset
+        for record in self.tail.read():
             if record.get("kind") == "train":
                 self.train.append(record)
             elif record.get("kind") == "eval":

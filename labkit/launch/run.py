@@ -1,0 +1,280 @@
+"""The handle of a run in progress: ``labkit.launch(config)`` returns a :class:`Run`.
+
+A monitor thread in the :class:`Run` follows the ranks: when one dies it stops the others
+(or, in sync modes that survive the loss of a worker, records the loss and goes on) and
+writes a ``failed`` summary naming the rank, so that nothing hangs and nothing is left
+running.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..registry import LAUNCHERS, SYNC_MODES
+from ..runs import MetricsTail, RunDir, default_run_dir
+from .base import signal_name
+
+FAILURE_GRACE_S = 15.0  # how long the other ranks get to notice a dead peer and exit by themselves
+
+
+@dataclass
+class RunResult:
+    """How a run ended: its directory and ``summary.json``."""
+
+    run_dir: Path
+    summary: dict
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "running")
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.summary.get("test_accuracy")
+
+    @property
+    def error(self) -> str | None:
+        return self.summary.get("error")
+
+    def metrics(self, kind: str | None = None) -> list[dict]:
+        return RunDir(self.run_dir).metrics(kind)
+
+    def __repr__(self) -> str:
+        acc = f", test_accuracy={self.test_accuracy:.4f}" if self.test_accuracy is not None else ""
+        err = f", error={self.error!r}" if self.error else ""
+        return f"RunResult({str(self.run_dir)!r}, status={self.status!r}{acc}{err})"
+
+
+class Run:
+    """A run in progress: a handle that never blocks unless asked to."""
+
+    def __init__(self, config, run: RunDir, job, metrics_offset: int = 0):
+        self.config = config
+        self._files = run  # the RunDir; run_dir is its path
+        self.job = job
+        self._stop_requested = False
+        self._done = threading.Event()
+        self._lost_workers: set[int] = set()
+        self._ranks = _RankWatch(run, metrics_offset)
+        self._first_failure: tuple[int, str] | None = None
+        self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
+        self._monitor.start()
+
+    @property
+    def run_dir(self) -> Path:
+        return self._files.path
+
+    @property
+    def status(self) -> str:
+        return self._files.status
+
+    def metrics(self, kind: str | None = None) -> list[dict]:
+        return self._files.metrics(kind)
+
+    def summary(self) -> dict | None:
+        return self._files.read_summary()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # --- watching ---------------------------------------------------------------------
+    def _watch(self) -> None:
+        survives = SYNC_MODES.entry(self.config.sync).meta.get("survives_worker_loss", False)
+        failed_at = None
+        try:
+            while self.job.poll() is None:
+                if self._stop_requested:
+                    self.job.stop()
+                    break
+                for rank, detail in self._newly_dead():
+                    if survives and rank != 0:
+                        self._files.append_metrics({
+                            "t": time.time() - self._files.read_config()["start_time"], "kind": "event",
+                            "event": "worker_lost", "rank": rank, "detail": detail})
+                    elif failed_at is None:
+                        failed_at = time.monotonic()
+                        self._first_failure = (rank, detail)
+                if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                    self.job.stop()  # the others did not notice by themselves: end them
+                    break
+                time.sleep(0.05)
+        finally:
+            self._finish()
+            self._done.set()
+
+    def _newly_dead(self) -> list[tuple[int, str]]:
+        """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
+        dead = {}
+        codes = getattr(self.job, "rank_codes", dict)()
+        # a rank killed by a signal died first; the others exited after noticing it
+        for rank, code in sorted(codes.items(), key=lambda rc: (rc[1] is None or rc[1] >= 0, rc[0])):
+            if code not in (None, 0):
+                dead[rank] = signal_name(code)
+        for rank, detail in self._ranks.poll():
+            dead.setdefault(rank, detail)
+        new = [(r, d) for r, d in dead.items() if r not in self._lost_workers]
+        self._lost_workers.update(r for r, _ in new)
+        return new
+
+    def _finish(self) -> None:
+        code = self.job.poll()
+        summary = self._files.read_summary()
+        if summary and summary.get("status") == "completed" and not self._stop_requested:
+            return
+        meta = self._files.read_config()
+        wall = time.time() - meta["start_time"]
+        last_step = max((r.get("step", 0) for r in self._files.iter_metrics(kind="train")), default=0)
+        if self._stop_requested:
+            status, error = "stopped", "stopped by request"
+        else:
+            status, error = "failed", self._diagnose(code)
+        ckpt = self._files.latest_checkpoint()
+        evals = self._files.metrics(kind="eval")
+        last_eval = evals[-1] if evals else {}
+        self._files.write_summary({
+            "status": status, "error": error, "steps": last_step, "wall_time_s": wall,
+            # the last evaluation before the end, and the step it was made at
+            "test_accuracy": last_eval.get("accuracy"), "test_loss": last_eval.get("loss"),
+            "evaluated_at_step": last_eval.get("step"), "train_loss": None, "samples_per_s": None,
+            "bytes_sent": None, "comm_fraction": None, "world_size": self.config.workers,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "resume_with": f"labkit train --run-dir {self.run_dir} --resume" if ckpt else None,
+        })
+
+    def _diagnose(self, code: int | None) -> str:
+        """One line naming the rank that failed first, and why."""
+        events = self._files.metrics(kind="event")
+        errors = [e for e in events if e.get("event") == "error"]
+        own = [e for e in errors if not e.get("peer_error")]
+        if own:
+            return own[0]["error"]
+        if self._first_failure is not None:
+            rank, detail = self._first_failure
+            return f"rank {rank} died ({detail}); see {self._files.log_path(rank)}"
+        started = {e["rank"] for e in events if e.get("event") == "started"}
+        ended = {e["rank"] for e in events if e.get("event") in ("finished", "error", "stopped")}
+        silent = sorted(started - ended)
+        if silent:
+            return f"rank {silent[0]} died without reporting an error; see {self._files.log_path(silent[0])}"
+        if errors:
+            return errors[0]["error"]
+        logs = self._files.log_dir / "launcher.log"
+        where = logs if logs.exists() else self._files.log_dir
+        return (f"the {self.config.launcher} launcher ended with {signal_name(code or 1)} "
+                f"before the ranks reported; see {where}")
+
+    # --- control ------------------------------------------------------------------------
+    def stop(self, timeout: float = 30.0) -> RunResult:
+        """End every process of the run; the summary says ``stopped``."""
+        if not self._done.is_set():
+            self._stop_requested = True
+            self._done.wait(timeout)
+        return self.result()
+
+    def result(self) -> RunResult:
+        return RunResult(self.run_dir, self._files.read_summary() or {"status": "running"})
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> RunResult:
+        """Block until the run ends (or ``timeout`` s); a progress bar with ``progress=True``.
+
+        Interrupting the wait (Ctrl-C, or the notebook's stop button) stops the run.
+        """
+        from .progress import ProgressBar
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = ProgressBar(self) if progress else None
+        try:
+            while not self._done.wait(0.25):
+                if bar:
+                    bar.update()
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        except KeyboardInterrupt:
+            self.stop()
+        finally:
+            if bar:
+                bar.update()
+                bar.close()
+        return self.result()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.run_dir} {self.status}>"
+
+
+class _RankWatch:
+    """Follows the ranks' pids (from their ``started`` events) on this host.
+
+    Under mpiexec or torchrun the launcher ends all ranks when one dies; the first rank
+    whose process disappeared without a ``finished``/``error``/``stopped`` event is the
+    one that died.
+    """
+
+    def __init__(self, run: RunDir, offset: int = 0):
+        self.run = run
+        self.tail = MetricsTail(run, offset)  # a resumed run keeps its earlier attempts' events: skip them
+        self.pids: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.died: list[tuple[int, str]] = []  # in the order the guards reported them
+        self.host = socket.gethostname()
+
+    def poll(self) -> list[tuple[int, str]]:
+        """(rank, how) of the ranks that died: first those their guards reported, in order,
+        then those whose process vanished without saying goodbye."""
+        for record in self.tail.read():
+            if record.get("kind") != "event":
+                continue
+            if record.get("event") == "started" and record.get("host") == self.host:
+                self.pids[record["rank"]] = record["pid"]
+            elif record.get("event") in ("finished", "error", "stopped"):
+                self.ended.add(record["rank"])
+            elif record.get("event") == "rank_died":  # reported by the rank's guard
+                self.died.append((record["rank"], record["detail"]))
+        vanished = [(rank, "its process vanished") for rank, pid in sorted(self.pids.items())
+                    if rank not in self.ended and not _alive(pid)]
+        return self.died + vanished
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def prepare_run_dir(config) -> tuple[object, RunDir]:
+    """Create (or, with resume, reopen) the run directory; return the config it will run."""
+    if config.run_dir is None:
+        config = config.replace(run_dir=str(default_run_dir(config.model, config.sync, config.workers)))
+    run = RunDir(config.run_dir)
+    if config.resume:
+        ckpt = run.load_checkpoint()
+        run.truncate_metrics_after(int(ckpt["step"]))
+        kept = run.metrics()
+        t_done = max((r.get("t", 0) for r in kept), default=0.0)
+        run.summary_path.unlink(missing_ok=True)
+        run.update_config(config=config.to_dict(), start_time=time.time() - (t_done if math.isfinite(t_done) else 0),
+                          resumed_at=time.time())
+        run.log_dir.mkdir(exist_ok=True)
+    else:
+        run.create(config.to_dict(), config.workers)
+    return config, run
+
+
+def launch(config) -> Run:
+    """Validate ``config``, start its ranks, and return a :class:`Run` handle at once."""
+    config.validate()
+    config, run = prepare_run_dir(config)
+    offset = MetricsTail(run, offset=None).offset
+    job = LAUNCHERS.get(config.launcher)(config, run)
+    return Run(config, run, job, metrics_offset=offset)
+
+
+def train(config, progress: bool = True) -> RunResult:
+    """Run ``config`` to the end (a progress bar while it goes) and return its result."""
+    return launch(config).wait(progress=progress)
