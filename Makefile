@@ -5,10 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.labkit-installed
 PORT   ?= 8888
+# the student's workspace: copies of the walk-throughs and of the released assignments (git-ignored)
+WORKSPACE ?= workspace
 # Jupyter refuses to run as root unless told to (containers, CI)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup lab test test-fast dashboard grade system-deps bench lint clean
+.PHONY: setup lab fresh workspace release test test-fast dashboard grade system-deps bench lint clean
 
 setup: $(STAMP)
 
@@ -16,10 +18,25 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	@bash scripts/setup_env.sh
 	@touch $@
 
-## make lab: open JupyterLab on the course, starting at notebooks/00_start_here.ipynb
-lab: setup
-	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG) \
+## make lab: JupyterLab on the student's workspace (made on first use, never overwritten),
+## opening notebooks/00_start_here.ipynb; the repository itself is not served
+lab: workspace
+	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(CURDIR)/$(WORKSPACE) $(ROOT_FLAG) \
 	    --LabApp.default_url=/lab/tree/notebooks/00_start_here.ipynb
+
+## make workspace: copy into $(WORKSPACE)/ what is new (walk-throughs, released assignments)
+workspace: setup
+	$(BIN)/python -m labkit.course workspace --dest $(WORKSPACE)
+
+## make fresh NB=003_cnn_training_and_easgd.ipynb: a fresh copy of one notebook (yours is kept beside it)
+fresh: setup
+	@test -n "$(NB)" || { echo "make fresh: say which notebook, e.g. make fresh NB=00_start_here.ipynb"; exit 2; }
+	$(BIN)/python -m labkit.course workspace --dest $(WORKSPACE) --fresh $(NB)
+
+## make release: the instructor's release, nbgrader generate_assignment for every assignment
+## (A="ps1_easgd ps2_consistency" for some); no activated environment needed
+release: setup
+	$(BIN)/python -m labkit.course release $(A)
 
 ## make test: the whole suite, including the browser and SLURM tests
 test: setup system-deps
@@ -49,3 +66,4 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+	@echo "(the workspace, $(WORKSPACE)/, holds your own work: remove it yourself if you mean to)"
