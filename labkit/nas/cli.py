@@ -1,0 +1,71 @@
+"""``labkit nas``: the options of a ProxylessNAS search (one per NasConfig field)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .search import NasConfig, NasError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(NasConfig)
+    for f in dataclasses.fields(NasConfig):
+        default = f.default
+        help_text = f.metadata["help"] + ("" if default is None else f" (default {default})")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                            metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(_nas_types={f.name: hints[f.name] for f in dataclasses.fields(NasConfig)})
+
+
+def _convert(name: str, text: str, kind):
+    flag = "--" + name.replace("_", "-")
+    if typing.get_origin(kind) is not None or "None" in str(kind):
+        if text.strip().lower() in ("", "none"):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise NasError(flag, f"expected a whole number, got {text!r}") from None
+        if not value.is_integer():
+            raise NasError(flag, f"expected a whole number, got {text!r}")
+        return int(value)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise NasError(flag, f"expected a number, got {text!r}") from None
+    return text
+
+
+def config_from_args(args: argparse.Namespace) -> NasConfig:
+    types = args._nas_types
+    given = {name: _convert(name, getattr(args, name), types[name]) for name in types if hasattr(args, name)}
+    return NasConfig(**given).validate()
+
+
+def main(args: argparse.Namespace) -> int:
+    from .latency import LatencyTableError
+    from .search import run_search
+
+    try:
+        config = config_from_args(args)
+    except NasError as e:
+        print(f"labkit: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_search(config, progress=not args.quiet,
+                             log=lambda line: print(line, file=sys.stderr))
+    except LatencyTableError as e:
+        print(f"labkit: error: --latency-table: {e}", file=sys.stderr)
+        return 2
+    print(f"labkit nas: architecture {' '.join(summary['architecture'])}; latency predicted "
+          f"{summary['latency_predicted_ms']:.3f} ms, measured {summary['latency_measured_ms']:.3f} ms "
+          f"({100 * summary['latency_error']:.0f} % apart); test accuracy {summary['test_accuracy']:.4f}; "
+          f"{summary['parameters']:,} parameters; {summary['wall_time_s']:.1f} s")
+    return 0
