@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 ## make lab: JupyterLab on the student's workspace (made on first use, never overwritten),
 ## opening notebooks/00_start_here.ipynb; the repository itself is not served
 lab: workspace
-	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(CURDIR)/$(WORKSPACE) $(ROOT_FLAG) \
+	$(BIN)/jupyter lab --port=$(PORT) --ServerApp.root_dir=$(abspath $(WORKSPACE)) $(ROOT_FLAG) \
 	    --LabApp.default_url=/lab/tree/notebooks/00_start_here.ipynb
 
 ## make workspace: copy into $(WORKSPACE)/ what is new (walk-throughs, released assignments)

