@@ -78,7 +78,7 @@ def test_tiny_scaling_run_reports_by_the_rules(tmp_path, no_leftovers):
     target = 0.8
     proc = subprocess.run([*LABKIT, "bench", "scaling", "--workers", "1,2", "--repeats", "1", "--steps", "20",
                            "--target-accuracy", str(target), "--out", str(out_dir), "--json"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     s = report["settings"]
@@ -139,5 +139,5 @@ def test_tiny_scaling_run_reports_by_the_rules(tmp_path, no_leftovers):
     assert any(line.startswith("strong   2") for line in lines)
     assert any("load average (1 min)" in line for line in lines)
     assert lines[-13] == "Twelve ways to fool the masses (Hoefler, 2018), and how this report avoids each:"
-    assert [line.split(":")[0] for line in lines[-12:]] == [f"[x] {i:2d}. {w}" for i, w in
-                                                             enumerate(TWELVE, 1)]
+    for i, (line, way) in enumerate(zip(lines[-12:], TWELVE), 1):
+        assert line.startswith(f"[x] {i:2d}. {way}: ") and len(line) > len(way) + 40, line

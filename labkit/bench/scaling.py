@@ -327,7 +327,8 @@ def twelve_ways(report: dict) -> list[dict]:
         ("Show performance with option set A and accuracy with option set B",
          "the time and the accuracy in a row come from the same runs, with the same settings"),
         ("Train on (unreasonably) large inputs",
-         f"the inputs are {s['dataset']}'s own ({s['input_shape']}), not enlarged to make more work per sample"),
+         f"the inputs keep the dataset's own size ({s['input_shape']} for {s['dataset']}), not enlarged "
+         f"to make more work per sample"),
         ("Run training just for the right time",
          f"every run trains a fixed {length} and is timed to a target accuracy, never for a fixed wall time"),
         ("Minibatch sizing for fun and profit: weak vs. strong scaling",
@@ -348,13 +349,14 @@ def _fmt_spread(sp: dict | None, spec: str, missing="not reached") -> str:
         return missing
     if sp["n"] == 1 or sp["min"] == sp["max"]:
         return format(sp["median"], spec)
-    return f"{format(sp['median'], spec)} [{format(sp['min'], spec)}-{format(sp['max'], spec)}]"
+    return f"{format(sp['median'], spec)} [{format(sp['min'], spec)}–{format(sp['max'], spec)}]"
 
 
 def _fmt_percent(sp: dict | None) -> str:
     if sp is None:
         return "-"
-    return _fmt_spread({k: (v * 100 if k != "n" else v) for k, v in sp.items()}, "+.1f") + "%"
+    median, low, high = (format(sp[k] * 100, "+.1f") + "%" for k in ("median", "min", "max"))
+    return median if sp["n"] == 1 or low == high else f"{median} [{low}–{high}]"
 
 
 def _fmt_bytes(value) -> str:
@@ -368,9 +370,11 @@ def print_report(report: dict, out=sys.stdout) -> None:
     load = report["load_avg_1m"]
     print(f"labkit bench scaling: {s['model']} on {s['dataset']}, sync {s['sync']}, gloo, local launcher, {length}, "
           f"eval every {s['eval_every']} steps, target test accuracy {s['target_accuracy']}", file=out)
-    print(f"machine: {s['cpu']}, {s['cpus']} CPUs; load average (1 min) before the runs: median "
-          f"{_fmt(load['median'])}, {_fmt(load['min'])}-{_fmt(load['max'])}", file=out)
-    print(f"{s['repeats']} run(s) per configuration, seed {s['seed']}; median [min-max]; time = seconds from "
+    threads = (f"OMP_NUM_THREADS={s['omp_num_threads']}" if s.get("omp_num_threads")
+               else "threads per rank: cores / workers")
+    print(f"machine: {s['cpu']}, {s['cpus']} CPUs, {threads}; load average (1 min) before the runs: median "
+          f"{_fmt(load['median'])} [{_fmt(load['min'])}–{_fmt(load['max'])}]", file=out)
+    print(f"{s['repeats']} run(s) per configuration, seed {s['seed']}; median [min–max]; time = seconds from "
           f"creating the run directory (start-up and data loading included)", file=out)
     print(f"bytes on the wire: {w['method']}", file=out)
     header = ["scaling", "workers", "batch/rank", "global batch", "steps", f"time to {s['target_accuracy']} (s)",
@@ -510,6 +514,7 @@ def measure(args, out: Path, wire_method: str, progress) -> dict:
                      "lr": config0.lr, "momentum": config0.momentum, "tune_lr": args.tune_lr,
                      "train_samples": train_size(args.dataset, args.data_dir), "test_samples": len(data.y_test),
                      "input_shape": "x".join(map(str, data.input_shape)), "cpus": os.cpu_count(),
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "cpu": _cpu_name()},
         "wire": {"method": wire_method, "private_namespace": os.environ.get(NETNS_ENV) == "1"},
         "load_avg_1m": spread(loads) or {"median": None, "min": None, "max": None, "n": 0},
