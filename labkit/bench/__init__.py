@@ -12,6 +12,7 @@ BENCHMARKS = {
     "allreduce": ("labkit.bench.allreduce", "allreduce algorithms: time, algbw, busbw, cost model"),
     "compress": ("labkit.bench.compress", "compressors: throughput, ratio, error"),
     "modes": ("labkit.bench.modes", "every sync mode on digits: accuracy, time, bytes, comm fraction"),
+    "latency": ("labkit.bench.latency", "ProxylessNAS latency table of this machine: every candidate, batch 1, median"),
     "scaling": ("labkit.bench.scaling", "strong/weak scaling to a test accuracy, by the rules"),
 }
 
