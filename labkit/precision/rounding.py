@@ -110,19 +110,20 @@ def round_stochastic(x, fmt="bf16", generator: torch.Generator | None = None) ->
     return _overflow(rounded, fmt).to(x.dtype)
 
 
-def accumulate(start: float, update: float, steps: int, fmt="bf16", rounding: str = "nearest",
+def accumulate(start, update: float, steps: int, fmt="bf16", rounding: str = "nearest",
                seed: int = 0) -> torch.Tensor:
     """w ← round(w + update), ``steps`` times, every w kept in ``fmt``: the fate of small weight
-    updates in low precision (001.12). Returns the trajectory (steps + 1 values, float64)."""
+    updates in low precision (001.12). ``start`` is a number or a tensor of independent
+    weights. Returns the trajectory, float64: (steps + 1,) or (steps + 1, *start.shape)."""
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     generator = torch.Generator().manual_seed(seed)
-    w = round_nearest(torch.tensor([float(start)], dtype=torch.float64), fmt)
+    w = round_nearest(torch.as_tensor(start, dtype=torch.float64), fmt)
     out = [w]
     for _ in range(steps):
         exact = w + update
         w = round_nearest(exact, fmt) if rounding == "nearest" else round_stochastic(exact, fmt, generator)
         out.append(w)
-    return torch.cat(out)
+    return torch.stack(out)

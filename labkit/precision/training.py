@@ -94,8 +94,13 @@ class _Arithmetic:
 
 
 def train_mlp(data, mode: str, fmt: LNSFormat = LNSFormat(frac_bits=8), hidden: int = 32,
-              epochs: int = 8, batch_size: int = 64, lr: float = 0.1, seed: int = 0) -> LNSRun:
-    """Train the MLP on ``data`` (a labkit Dataset) in ``mode``; the validation error on its test set."""
+              epochs: int = 8, batch_size: int = 64, lr: float = 0.1, final_lr: float | None = None,
+              seed: int = 0) -> LNSRun:
+    """Train the MLP on ``data`` (a labkit Dataset) in ``mode``; the validation error on its test set.
+
+    The learning rate goes linearly from ``lr`` to ``final_lr`` (default: constant) over the
+    epochs: the late, small updates are the ones low precision loses.
+    """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     for name, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
@@ -103,6 +108,9 @@ def train_mlp(data, mode: str, fmt: LNSFormat = LNSFormat(frac_bits=8), hidden: 
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    final_lr = lr if final_lr is None else final_lr
+    if not 0 < final_lr <= lr:
+        raise ValueError(f"final_lr must be in (0, lr], got {final_lr!r}")
     start_time = time.perf_counter()
     x_train = data.x_train.reshape(len(data.y_train), -1)
     x_test = data.x_test.reshape(len(data.y_test), -1)
@@ -120,7 +128,8 @@ def train_mlp(data, mode: str, fmt: LNSFormat = LNSFormat(frac_bits=8), hidden: 
         return h, ops.add_bias(ops.matmul(h, w2), b2)
 
     run = LNSRun(mode, 1.0)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        epoch_lr = lr + (final_lr - lr) * epoch / max(1, epochs - 1)
         order = torch.randperm(len(data.y_train), generator=generator)
         total, batches = 0.0, 0
         for idx in order.split(batch_size):
@@ -135,7 +144,7 @@ def train_mlp(data, mode: str, fmt: LNSFormat = LNSFormat(frac_bits=8), hidden: 
             d_hidden = ops.matmul(d_logits, w2.T.contiguous()) * (h > 0)
             grads[0] = ops.matmul(x.T.contiguous(), d_hidden)
             grads[1] = ops.column_sum(d_hidden)
-            params = [ops.update(p, g, lr) for p, g in zip(params, grads)]
+            params = [ops.update(p, g, epoch_lr) for p, g in zip(params, grads)]
         run.epoch_losses.append(total / batches)
     with torch.no_grad():
         _, logits = forward(x_test)
