@@ -310,6 +310,8 @@ def render_table(rows: list[RowStatus], documents: dict[str, str] | None = None)
         status = row.status
         if row.missing:
             status = "missing: " + "; ".join(row.missing)
+            if row.to_come:
+                status += f" (and to come in {t.todo}: " + "; ".join(row.to_come) + ")"
         out.append(f"| {t.id} | {_cell(t.title)} | {t.kind} | {notebooks} (`{t.tag}`) | "
                    f"{_cell(', '.join(questions)) or '-'} | {_cell(status)} |")
     out += ["", TABLE_END]
