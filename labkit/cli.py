@@ -157,11 +157,17 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
     train = sub.add_parser("train", help="one training run (every option of RunConfig)",
-                           description="Train a model; every choice below can also be set from a notebook.")
+                           description="Train a model; every choice below can also be set from a notebook. "
+                                       "Each rank on a host gets a share of its cores (threads = cores / "
+                                       "ranks, at least 1) unless OMP_NUM_THREADS is set.")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_options(train)
 
-    launch = sub.add_parser("launch", help="run a command as N ranks with labkit.comm ready inside")
+    launch = sub.add_parser(
+        "launch", help="run a command as N ranks with labkit.comm ready inside",
+        description="Run CMD as N ranks with the environment that labkit.comm.init() reads. Each rank "
+                    "gets a share of this host's cores: OMP_NUM_THREADS = cores / N (at least 1), "
+                    "unless OMP_NUM_THREADS is already set.")
     launch.add_argument("-n", type=int, required=True, help="number of ranks")
     launch.add_argument("--launcher", default="local", choices=["local", "mpi", "torchrun", "slurm"])
     launch.add_argument("--backend", default="gloo", choices=["gloo", "mpi", "nccl"])
@@ -171,6 +177,10 @@ def build_parser() -> Parser:
     bench = sub.add_parser("bench", help="benchmarks (tables for people, --json for machines)", add_help=False)
     bench.add_argument("name", help="allreduce, compress, modes, ...")
 
+    for name, text in (("nas", "ProxylessNAS on this machine: search, retrain, measure latency"),
+                       ("es", "evolution strategies: ranks exchange only scalars"),
+                       ("search", "pbt | evolution | pso over labkit runs")):
+        sub.add_parser(name, help=text, add_help=False)  # parsed by labkit.search.cli
     show = sub.add_parser("show", help="summaries of run directories, side by side")
     show.add_argument("run_dirs", nargs="+")
     return parser
@@ -180,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     import labkit  # noqa: F401 - fills the registries before options are listed
 
+    if argv[:1] in (["nas"], ["es"], ["search"]):
+        from .search.cli import run_command
+
+        return run_command(argv)
     parser = build_parser()
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)

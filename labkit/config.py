@@ -55,7 +55,11 @@ class RunConfig:
         "where each rank computes (auto: cuda when available)", choices=("cpu", "cuda", "auto"), group="parallel"))
     parallelism: str = field(default="data", metadata=_opt("how the work is split", reg.PARALLELISMS, group="parallel"))
     sync: str = field(default="allreduce", metadata=_opt("how the ranks keep their weights in step", reg.SYNC_MODES, group="parallel"))
-    # settings of particular sync modes (ignored by the others)
+    # settings of particular sync modes (ignored by the others); a mode declares the ones it
+    # takes when it is registered (``settings=``), and the panel shows it those
+    allreduce_algorithm: str = field(default="library", metadata=_opt(
+        "allreduce: the allreduce that sums the gradients, the library's or one written by hand "
+        "(labkit.comm.collectives)", choices=("library", "ring", "tree", "recursive-doubling"), group="sync"))
     staleness: int = field(default=2, metadata=_opt(
         "ssp: how many clocks a worker may run ahead of the slowest", group="sync", metavar="S"))
     sync_every: int = field(default=8, metadata=_opt(
@@ -220,10 +224,20 @@ class RunConfig:
         self._validate_run_dir()
         sync_check = reg.SYNC_MODES.entry(self.sync).meta.get("validate")
         if sync_check is not None:
-            problem = sync_check(self)
+            problem = sync_check(**self.values_for(sync_check))
             if problem:
                 raise ConfigError(*problem)
         return self
+
+    def values_for(self, function) -> dict:
+        """The settings that ``function`` takes, by the names of its parameters (plain values)."""
+        import inspect
+
+        return {name: getattr(self, name) for name in inspect.signature(function).parameters}
+
+    def mode_settings(self) -> dict:
+        """The settings the sync mode declared at registration, with their values."""
+        return {name: getattr(self, name) for name in reg.SYNC_MODES.entry(self.sync).meta.get("settings", ())}
 
     def _validate_compression(self) -> None:
         if not isinstance(self.compression_params, dict):

@@ -17,7 +17,7 @@ Registries are filled when the packages that define the implementations are impo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
@@ -87,5 +87,3 @@ COMPRESSORS = Registry("compressor", "--compression")
 LAUNCHERS = Registry("launcher", "--launcher")
 BACKENDS = Registry("backend", "--backend")
 PARALLELISMS = Registry("parallelism", "--parallelism")
-
-Factory = Callable[..., Any]

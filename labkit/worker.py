@@ -21,6 +21,7 @@ import torch
 
 from . import comm as comm_pkg
 from .algorithms.base import RankContext
+from .compress import CompressedCommunicator, make_compressor
 from .config import RunConfig
 from .data import load_dataset
 from .models import build_model, describe
@@ -46,8 +47,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def build_context(config: RunConfig, comm, run: RunDir, start_time: float) -> RankContext:
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LABKIT_LOCAL_WORLD", comm.size)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if "OMP_NUM_THREADS" not in os.environ:  # the launchers set it (launch.base.share_cores)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LABKIT_LOCAL_WORLD", comm.size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     device = resolve_device(config.device, comm_pkg.env_local_rank())
     data = load_dataset(config.dataset, config.data_dir)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
@@ -56,19 +58,16 @@ def build_context(config: RunConfig, comm, run: RunDir, start_time: float) -> Ra
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
 
-    compressor = None
-    if config.compression != "none":
-        from .compress import make_compressor
-
-        compressor = make_compressor(config.compression, error_feedback=config.error_feedback,
-                                     **config.compression_params)
+    compressor = make_compressor(config.compression, error_feedback=config.error_feedback,
+                                 **config.compression_params)
     resume_state = run.load_checkpoint() if config.resume and run.latest_checkpoint() else None
     return RankContext(
         comm=comm, model=model, make_optimizer=make_optimizer, data=data, device=device, run=run,
         batch_size=config.batch_size, seed=config.seed, total_steps=config.total_steps(len(data.y_train)),
         eval_every=config.eval_every, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, start_time=start_time, compressor=compressor,
-        options=config.to_dict(), resume_state=resume_state)
+        checkpoint_every=config.checkpoint_every, start_time=start_time,
+        compressed=CompressedCommunicator(comm, compressor), fixed_steps=config.steps is not None,
+        resume_state=resume_state)
 
 
 def summarize(ctx: RankContext, results: dict) -> dict:
@@ -134,7 +133,7 @@ def run_rank(run_dir: str) -> int:
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
         if comm.rank == 0:
             print(describe(ctx.model, ctx.data.input_shape), flush=True)
-        results = SYNC_MODES.get(config.sync)().run(ctx)
+        results = SYNC_MODES.get(config.sync)(**config.mode_settings()).run(ctx)
         ctx.event("finished")
         if not survives:
             comm.barrier()  # a mode that survives lost workers ends in step by itself

@@ -48,9 +48,9 @@ def test_federation_shares_each_round_between_the_ranks():
     options = {"clients": 16, "client_fraction": 0.5, "local_epochs": 2}
 
     def federation(rank):
-        ctx = SimpleNamespace(options=options, data=data, seed=3, rank=rank, world=4, batch_size=32,
+        ctx = SimpleNamespace(data=data, seed=3, rank=rank, world=4, batch_size=32,
                               device=torch.device("cpu"))
-        return Federation(ctx)
+        return Federation(ctx, **options)
 
     ranks = [federation(rank) for rank in range(4)]
     for round_ in (1, 2):

@@ -12,9 +12,9 @@ from labkit.algorithms.easgd import (
     center_update,
     center_update_reduced,
     momentum_worker_update,
-    tree_reduce,
     worker_update,
 )
+from labkit.comm.collectives import tree_reduce
 from labkit.data import batches_per_epoch, train_size
 from labkit.runs import RunDir
 
@@ -89,6 +89,9 @@ class Mailboxes:
         boxes = self
 
         class Comm:
+            def __init__(self):
+                self.rank, self.size = rank, size
+
             def send(self, tensor, dst):
                 with boxes.lock:
                     boxes.boxes.setdefault((rank, dst), []).append(tensor.clone())
@@ -107,13 +110,8 @@ class Mailboxes:
 def test_tree_reduce_sums_onto_rank_0(size):
     boxes, results = Mailboxes(), {}
 
-    class Rank:
-        def __init__(self, rank):
-            self.rank, self.world, self.compressor = rank, size, None
-            self.comm = boxes.comm(rank, size)
-
     def run(rank):
-        results[rank] = tree_reduce(Rank(rank), torch.tensor([float(rank + 1), 1.0]))
+        results[rank] = tree_reduce(boxes.comm(rank, size), torch.tensor([float(rank + 1), 1.0]))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for t in threads:

@@ -138,10 +138,10 @@ def test_modes_with_a_master_need_a_worker(sync, tmp_path):
 def test_hogwild_stays_on_one_machine():
     check = SYNC_MODES.entry("hogwild").meta["validate"]
     for launcher in ("local", "mpi", "torchrun"):
-        assert check(RunConfig(sync="hogwild", workers=2, launcher=launcher)) is None
-    option, message = check(RunConfig(sync="hogwild", workers=2, launcher="slurm"))
+        assert check(launcher=launcher, device="cpu") is None
+    option, message = check(launcher="slurm", device="cpu")
     assert option == "--launcher" and "several nodes, which share no memory" in message
-    option, message = check(RunConfig(sync="hogwild", workers=2, device="cuda"))
+    option, message = check(launcher="local", device="cuda")
     assert option == "--device" and "CPU memory" in message
 
 

@@ -50,7 +50,8 @@ def test_choices_are_the_registries(tmp_path):
 def test_modes_and_compressors_registered_later_appear(tmp_path, monkeypatch):
     monkeypatch.setitem(COMPRESSORS._entries, "halves",
                         Entry("halves", object, "keep half", {"params": {"keep": 0.5, "exact": False}}))
-    monkeypatch.setitem(SYNC_MODES._entries, "ssp", Entry("ssp", object, "stale-synchronous"))
+    monkeypatch.setitem(SYNC_MODES._entries, "ssp", Entry("ssp", object, "stale-synchronous",
+                                                           {"settings": ("staleness",)}))
     panel = ControlPanel(runs_dir=tmp_path)
     assert "halves" in panel.form.widgets["compression"].options
     panel.form.widgets["compression"].value = "halves"

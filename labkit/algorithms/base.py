@@ -1,8 +1,11 @@
 """What every sync mode gets from the worker: one rank's training context.
 
 A sync mode is a class registered in ``labkit.registry.SYNC_MODES`` with a method
-``run(ctx)``. The :class:`RankContext` hands it the model, the data shard, the
-communicator, the optimizer factory and the bookkeeping (metrics, evaluation,
+``run(ctx)``. It declares at registration the RunConfig settings it takes
+(``settings=("staleness",)``) and receives them as plain arguments of its constructor;
+its ``validate`` check takes plain values too, by name. The :class:`RankContext` hands
+it the model, the data shard, the communicators (plain, and compressing with
+``--compression``), the optimizer factory and the bookkeeping (metrics, evaluation,
 checkpoints), so that the mode's file holds only its own algorithm.
 """
 
@@ -18,7 +21,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..comm.buckets import FlatGradients
 from ..data import Dataset, batches_per_epoch, shard_indices
 from ..runs import RunDir
 
@@ -57,8 +59,8 @@ class RankContext:
     log_every: int
     checkpoint_every: int
     start_time: float
-    compressor: object | None = None  # labkit.compress compressor, or None
-    options: dict = field(default_factory=dict)  # the run's settings, for modes that need them
+    compressed: object = None  # labkit.compress.CompressedCommunicator over comm (--compression)
+    fixed_steps: bool = False  # --steps was given (else --epochs sets total_steps)
     resume_state: dict | None = None
     timers: Timers = field(default_factory=Timers)
     loss_fn: Callable = field(default_factory=lambda: nn.CrossEntropyLoss())
@@ -173,6 +175,14 @@ class TrainMeter:
         self.count += n
         self.samples += n
 
+    def add_report(self, report) -> None:
+        """A worker's report (a master's meter): its batch's loss and accuracy; the
+        master trains on no samples itself, so it counts none (the workers count theirs)."""
+        self.loss_sum += report.loss
+        self.batches += 1
+        self.correct += report.correct
+        self.count += report.samples
+
     def read(self) -> tuple[float, float]:
         loss = self.loss_sum / max(1, self.batches)
         acc = self.correct / max(1, self.count)
@@ -189,6 +199,20 @@ class SyncMode:
 
     def run(self, ctx: RankContext) -> dict:
         raise NotImplementedError
+
+
+def gradient_pieces(flat: torch.Tensor, model: nn.Module, compressor) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) of what goes through the compressing communicator for one gradient:
+    the flat buffer at once, or, for a ``layerwise`` compressor (PowerSGD needs each
+    weight matrix's own shape), each layer's view into it, keyed by name."""
+    if not compressor.layerwise:
+        return [("grad", flat)]
+    pieces, offset = [], 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            pieces.append((name, flat[offset:offset + p.numel()].view_as(p)))
+            offset += p.numel()
+    return pieces
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, **extra) -> dict:
@@ -226,53 +250,3 @@ def end_step(ctx: RankContext, step: int, epoch: int, meter: TrainMeter, model: 
         ctx.log_eval(step, epoch, model)
     if state is not None and ctx.rank == 0 and (last or (ctx.checkpoint_every and step % ctx.checkpoint_every == 0)):
         ctx.run.save_checkpoint(step, state())
-
-
-# --- modes with a master: rank 0 serves, ranks 1..N-1 train ----------------------------
-MASTER = 0
-
-def needs_a_worker(config) -> tuple[str, str] | None:
-    """The ``validate`` check of the modes with a master: at least one worker besides rank 0."""
-    if config.workers < 2:
-        return ("--workers", f"{config.sync} needs at least 2 ranks: rank 0 is the parameter server and "
-                             "ranks 1.. are the workers that train")
-    return None
-
-
-def use_worker_steps(ctx: RankContext) -> None:
-    """Make ``--epochs`` count passes of each worker over its shard, 1/(N-1) of the data.
-
-    The master holds no data, so the training set is split N-1 ways, not N ways;
-    ``--steps`` (steps per rank) is taken as it is.
-    """
-    if ctx.options.get("steps") is None:
-        epochs = ctx.total_steps // ctx.steps_per_epoch
-        ctx.total_steps = epochs * batches_per_epoch(len(ctx.data.y_train), ctx.world - 1, ctx.batch_size)
-        if ctx.rank == 0:  # the progress bar counts to this
-            ctx.event("total_steps", steps=ctx.total_steps)
-
-
-class MasterWorkerMode(SyncMode):
-    """A mode with a master: rank 0 serves (``master``), ranks 1..N-1 train (``worker``)."""
-
-    def run(self, ctx: RankContext) -> dict:
-        use_worker_steps(ctx)
-        return self.master(ctx) if ctx.rank == MASTER else self.worker(ctx)
-
-    def master(self, ctx: RankContext) -> dict:
-        raise NotImplementedError
-
-    def worker(self, ctx: RankContext) -> dict:
-        raise NotImplementedError
-
-
-def master_optimizer(ctx: RankContext):
-    """The master's gradient buffer and optimizer, and the step it starts after (0, or the checkpoint's)."""
-    grads = FlatGradients(ctx.model.parameters())
-    optimizer = ctx.make_optimizer(ctx.model.parameters())
-    return grads, optimizer, restore(ctx, ctx.model, optimizer)
-
-
-def worker_batches(ctx: RankContext, start: int):
-    """Worker r trains on shard r-1 of the N-1 workers (the master has no shard)."""
-    return ctx.batches(start, rank=ctx.rank - 1, world=ctx.world - 1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..compress.communicate import allreduce_compressed
 from ..registry import SYNC_MODES
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
@@ -52,25 +51,24 @@ def label_skewed_shards(labels: torch.Tensor, clients: int, seed: int) -> list[t
     return [torch.cat([shards[j] for j in hand]) for hand in dealt.tolist()]
 
 
-def too_many_clients(cfg):
+def too_many_clients(clients: int, dataset: str, data_dir: str | None):
     from ..data import train_size
 
-    n = train_size(cfg.dataset, cfg.data_dir)
-    if SHARDS_PER_CLIENT * cfg.clients > n:
-        return "--clients", (f"{cfg.clients} clients need {SHARDS_PER_CLIENT * cfg.clients} shards of "
-                             f"{cfg.dataset}'s {n} training samples; use at most {n // SHARDS_PER_CLIENT}")
+    n = train_size(dataset, data_dir)
+    if SHARDS_PER_CLIENT * clients > n:
+        return "--clients", (f"{clients} clients need {SHARDS_PER_CLIENT * clients} shards of "
+                             f"{dataset}'s {n} training samples; use at most {n // SHARDS_PER_CLIENT}")
     return None
 
 
 class Federation:
     """The clients' shards and who takes part in which round (the same on every rank)."""
 
-    def __init__(self, ctx: RankContext):
-        options = ctx.options
+    def __init__(self, ctx: RankContext, clients: int, client_fraction: float, local_epochs: int):
         self.ctx = ctx
-        self.shards = label_skewed_shards(ctx.data.y_train, options["clients"], ctx.seed)
-        self.per_round = max(1, round(options["client_fraction"] * options["clients"]))
-        self.local_epochs = options["local_epochs"]
+        self.shards = label_skewed_shards(ctx.data.y_train, clients, ctx.seed)
+        self.per_round = max(1, round(client_fraction * clients))
+        self.local_epochs = local_epochs
 
     def round_clients(self, round_: int) -> list[int]:
         """The clients this rank trains in ``round_``: its share of the round's random pick."""
@@ -98,19 +96,20 @@ class Federation:
 def sum_over_ranks(ctx: RankContext, update, weight: float):
     """Σ over ranks of the weighted update (compressed with ``--compression``) and of the weight."""
     with ctx.timers.time("comm"):
-        if ctx.compressor is None:
-            total = ctx.comm.allreduce(torch.cat([update, update.new_tensor([weight])]))
-            return total[:-1], float(total[-1])
-        update = allreduce_compressed(ctx.comm, ctx.compressor, update, key="client-update")
+        ctx.compressed.allreduce(update, key="client-update")
         return update, float(ctx.comm.allreduce(torch.tensor([weight], dtype=torch.float64)))
 
 
 @SYNC_MODES.register("fedavg", help="federated averaging: --clients with non-IID data, a --client-fraction of "
-                                    "them per round, --local-epochs each", validate=too_many_clients)
+                                    "them per round, --local-epochs each",
+                     settings=("clients", "client_fraction", "local_epochs"), validate=too_many_clients)
 class FederatedAveraging(SyncMode):
+    def __init__(self, clients: int, client_fraction: float, local_epochs: int):
+        self.settings = {"clients": clients, "client_fraction": client_fraction, "local_epochs": local_epochs}
+
     def run(self, ctx: RankContext) -> dict:
         model = ctx.model
-        federation = Federation(ctx)
+        federation = Federation(ctx, **self.settings)
         start = restore(ctx, model, None)
         done_before = sum(federation.local_epochs * federation.samples(client)
                           for round_ in range(1, start + 1) for client in federation.round_clients(round_))

@@ -37,8 +37,8 @@ from ..registry import SYNC_MODES
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
 
-def no_compression(cfg):
-    if cfg.compression != "none":
+def no_compression(compression: str):
+    if compression != "none":
         return "--compression", "gossip exchanges whole models between neighbours; it does not compress"
     return None
 

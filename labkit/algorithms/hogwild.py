@@ -53,19 +53,19 @@ from pathlib import Path
 import torch
 
 from ..registry import SYNC_MODES
-from ..runs import RunDir
+from ..runs import MetricsTail, RunDir
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
 SINGLE_MACHINE_LAUNCHERS = ("local", "mpi", "torchrun")  # labkit starts these on this machine
 
 
-def single_machine(config):
+def single_machine(launcher: str, device: str):
     """The ``validate`` check: shared memory exists only within one machine, on the CPU."""
-    if config.launcher not in SINGLE_MACHINE_LAUNCHERS:
+    if launcher not in SINGLE_MACHINE_LAUNCHERS:
         return ("--launcher", f"hogwild shares the weights in the memory of one machine, and the "
-                              f"{config.launcher} launcher may place the ranks on several nodes, which "
+                              f"{launcher} launcher may place the ranks on several nodes, which "
                               f"share no memory; use --launcher {', '.join(SINGLE_MACHINE_LAUNCHERS)}")
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return ("--device", "hogwild shares the weights in CPU memory between processes; use --device cpu")
     return None
 
@@ -111,13 +111,11 @@ class LostWorkers:
     """
 
     def __init__(self, run: RunDir):
-        self.run = run
-        self.offset = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
+        self.tail = MetricsTail(run, offset=None)
         self.ranks: set[int] = set()
 
     def poll(self) -> set[int]:
-        for record, offset in self.run.read_metrics_from(self.offset):
-            self.offset = offset
+        for record in self.tail.read():
             if record.get("kind") == "event" and record.get("event") == "worker_lost":
                 self.ranks.add(record["rank"])
         return self.ranks
@@ -138,8 +136,11 @@ class UpdateLock:
 
 @SYNC_MODES.register("hogwild", help="Hogwild!: every rank updates weights shared in memory, "
                                      "without a lock (--lock: with one)",
-                     validate=single_machine, survives_worker_loss=True)
+                     settings=("lock",), validate=single_machine, survives_worker_loss=True)
 class Hogwild(SyncMode):
+    def __init__(self, lock: bool):
+        self.lock = lock
+
     def run(self, ctx: RankContext) -> dict:
         model = ctx.model
         optimizer = ctx.make_optimizer(model.parameters())
@@ -158,7 +159,7 @@ class Hogwild(SyncMode):
         if ctx.rank != 0:
             shared = SharedState(folder, numel, ctx.world)
             share_parameters(model, shared.weights, fill=False)
-        lock = UpdateLock(folder / "lock") if ctx.options["lock"] else None
+        lock = UpdateLock(folder / "lock") if self.lock else None
         lost = LostWorkers(ctx.run) if ctx.rank == 0 else None
         lost_ranks: list[int] = []
 

@@ -24,7 +24,6 @@ import copy
 
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..compress.communicate import allreduce_compressed
 from ..registry import SYNC_MODES
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
 
@@ -32,10 +31,7 @@ from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step,
 def average_over_ranks(ctx: RankContext, tensor):
     """The average of ``tensor`` over all ranks (compressed with ``--compression``)."""
     with ctx.timers.time("comm"):
-        if ctx.compressor is None:
-            total = ctx.comm.allreduce(tensor)
-        else:
-            total = allreduce_compressed(ctx.comm, ctx.compressor, tensor, key="model-change")
+        total = ctx.compressed.allreduce(tensor, key="model-change")
     return total / ctx.world
 
 
@@ -46,10 +42,13 @@ def is_averaging_step(ctx: RankContext, step: int, every: int) -> bool:
 
 
 @SYNC_MODES.register("local-sgd", help="local SGD: the ranks train on their own and average their models "
-                                       "every --sync-every H steps")
+                                       "every --sync-every H steps", settings=("sync_every",))
 class LocalSGD(SyncMode):
+    def __init__(self, sync_every: int):
+        self.every = sync_every
+
     def run(self, ctx: RankContext) -> dict:
-        every = ctx.options["sync_every"]
+        every = self.every
         model = ctx.model
         optimizer = ctx.make_optimizer(model.parameters())
         start = restore(ctx, model, optimizer)

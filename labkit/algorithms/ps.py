@@ -1,69 +1,26 @@
 """Parameter server: a master keeps the weights, the workers send it gradients.
 
 Two modes, from the slides "Parallelism" and "Parallel Algorithms" of *Deep Learning*
-(Vadhiyar, document 003):
+(Vadhiyar, document 003), on the master–worker protocol of ``master_worker.py``:
 
-``ps-sync``: data parallelism. "Each machine has a copy of a neural network and the
-Ws. The master updates W by the sum of all the subgradients, delta, from all the
-processors. The master broadcasts W to all machines." Every step, the master waits
-for one gradient from every worker, applies their average, and broadcasts the new
-weights: mini-batch SGD over (workers x batch) samples.
+``ps-sync``: "The master updates W by the sum of all the subgradients, delta, from all
+the processors. The master broadcasts W to all machines." Every step the master waits for
+one gradient from every worker, applies their average, and broadcasts the new weights.
 
-``ps-async``: "Parameter server or asynchronous SGD. All workers complete their
-iteration step (local updates, sending to master, and receiving W from master)
-asynchronously. Master process uses lock to avoid weight update conflicts: one worker
-at a time." This is Downpour SGD (Dean et al., *Large Scale Distributed Deep
-Networks*, NIPS 2012; NTHU chap. 12, "Asynchronous (Downpour) SGD"; You et al.,
-SC'17, "Parameter Server (Async SGD)"). The master serves the workers first come,
-first served, one gradient at a time: its single loop is the lock of the slide. Each
-gradient moves the weights by lr / (N-1), so that a round of one gradient per worker
-goes as far as one step of ps-sync (with the full lr, stale gradients and momentum 0.9
-made the default run on digits end anywhere between 48 % and 96 % test accuracy; with
-lr / (N-1), between 96 % and 97 %). A
-worker's gradient was computed on the weights it last received; meanwhile the other
-workers' gradients have moved them on. The *staleness* of a gradient is the number of
-updates the master applied between sending those weights and applying it (the "stale
-gradient problem" of *Deep Learning and Hardware*, document 001). The master counts
-it for every gradient: a histogram in the ``staleness`` event and ``mean_staleness``
-in ``summary.json``.
+``ps-async``: "Parameter server or asynchronous SGD ... Master process uses lock to
+avoid weight update conflicts: one worker at a time": Downpour SGD (Dean et al., *Large
+Scale Distributed Deep Networks*, NIPS 2012; NTHU chap. 12). The master applies each
+gradient as it comes, first come, first served, each moving the weights by lr / (N-1),
+and counts its *staleness* (updates applied between sending a worker its weights and
+applying its gradient; the "stale gradient problem" of document 001).
 
-Who is who: rank 0 is the master; it trains on nothing, and it evaluates and
-checkpoints the weights it keeps. Ranks 1..N-1 are the workers; worker r trains on
-shard r-1 of N-1. A run needs at least 2 ranks (``--workers 1`` is rejected: there
-would be no worker).
-
-Messages (point to point, tag 0)::
-
-    worker -> master   a Report (step, epoch, loss, correct, samples; float64)
-                       the gradient: flat float32, or with --compression one packet per
-                       parameter (``send_compressed``), so that PowerSGD sees matrices
-                       the running statistics of batch norm, if the model has any
-    master -> worker   the weights, flat (ps-sync: a broadcast to all workers)
-    worker -> master   ps-async: a Report with step FINISHED when it has no batches left;
-                       the master answers with the final weights once every worker is done
-
-Steps: ``--steps`` counts the steps of every worker, ``--epochs`` the passes of every
-worker over its own shard (with 4 ranks: 3 workers, 14 steps an epoch on digits). The
-master's step s is done when it has applied s gradients of every worker (ps-async:
-s x (N-1) gradients, from whichever workers came first); it evaluates and checkpoints
-on its own steps.
-
-Timers: the master's time blocked on the next report is ``wait`` (it idles while the
-workers compute), receiving gradients and sending weights is ``comm``, applying them is
-``compute``. A worker's ``comm`` is everything between its backward pass and the next.
-
-Faults: ps-sync is synchronous, so the loss of any rank ends the run (failed, with a
-checkpoint to ``--resume`` from). ps-async keeps going without a lost worker: its master
-listens to each worker in a thread of its own, and drops a worker as soon as talking to
-it fails (its connection closed, or ``--timeout`` seconds without a word); it logs a
-``worker_dropped`` event, lists the worker in ``workers_lost`` in ``summary.json`` and
-finishes with the others. Losing the master ends the run (failed, with a checkpoint).
+A gradient goes through the compressing communicator (``--compression``); the running
+statistics of batch norm, if the model has any, follow it uncompressed.
+``docs/sync_modes_ps.md`` gives the messages, the timers, the faults and the results.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -71,50 +28,22 @@ import torch
 
 from ..comm import PeerError
 from ..comm.buckets import FlatGradients
-from ..compress.communicate import recv_compressed, send_compressed
 from ..registry import SYNC_MODES
-from .base import (
+from .base import RankContext, TrainMeter, checkpoint_state, end_step, gradient_pieces, restore
+from .master_worker import (
+    FINISHED,
     MASTER,
+    AsyncMaster,
     MasterWorkerMode,
-    RankContext,
-    TrainMeter,
-    checkpoint_state,
-    end_step,
-    master_optimizer,
+    Report,
+    get_weights,
     needs_a_worker,
-    restore,
+    set_weights,
     worker_batches,
 )
 
-FINISHED = -1  # the step of the Report a worker sends when it has no batches left
-
-
-
 
 # --- what travels between workers and master ---------------------------------------------
-@dataclass
-class Report:
-    """What a worker says with each gradient: its step, and how its batch went."""
-
-    step: int
-    epoch: int = 0
-    loss: float = 0.0
-    correct: int = 0
-    samples: int = 0
-
-    def send(self, comm, dst: int = MASTER) -> None:
-        comm.send(torch.tensor([self.step, self.epoch, self.loss, self.correct, self.samples],
-                               dtype=torch.float64), dst)
-
-    @classmethod
-    def recv(cls, comm, src: int | None = None) -> tuple["Report", int]:
-        """The next report (from any worker when ``src`` is None) and the rank that sent it."""
-        buffer = torch.zeros(5, dtype=torch.float64)
-        sender = comm.recv(buffer, src)
-        step, epoch, loss, correct, samples = buffer.tolist()
-        return cls(int(step), int(epoch), loss, int(correct), int(samples)), sender
-
-
 @dataclass
 class Gradient:
     """One worker's contribution: its flat gradient, and its batch-norm statistics (or None)."""
@@ -128,40 +57,19 @@ def statistics(model: torch.nn.Module) -> list[torch.Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
-def get_weights(model: torch.nn.Module) -> torch.Tensor:
-    """All parameters of ``model`` in one flat tensor (a copy)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-@torch.no_grad()
-def set_weights(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copy the flat tensor ``flat`` into the parameters of ``model``."""
-    offset = 0
-    for p in model.parameters():
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
 def send_gradient(ctx: RankContext, model: torch.nn.Module, grads: FlatGradients) -> None:
-    """Send this worker's gradient (compressed when the run has a compressor) to the master."""
-    if ctx.compressor is None:
-        ctx.comm.send(grads.buffer, MASTER)
-    else:
-        for name, p in model.named_parameters():
-            send_compressed(ctx.comm, ctx.compressor, p.grad, MASTER, key=name)
+    """Send this worker's gradient to the master through the compressing communicator."""
+    for key, piece in gradient_pieces(grads.buffer, model, ctx.compressed.compressor):
+        ctx.compressed.send(piece, MASTER, key=key)
     if statistics(model):
         ctx.comm.send(torch.cat([b.reshape(-1) for b in statistics(model)]), MASTER)
 
 
 def recv_gradient(ctx: RankContext, model: torch.nn.Module, src: int) -> Gradient:
     """Receive what ``send_gradient`` sent from worker ``src``; ``model`` gives the shapes."""
-    if ctx.compressor is None:
-        values = torch.empty(sum(p.numel() for p in model.parameters()), device=ctx.device)
-        ctx.comm.recv(values, src)
-    else:
-        parts = [recv_compressed(ctx.comm, ctx.compressor, p, src)[0].reshape(-1)
-                 for p in model.parameters()]
-        values = torch.cat(parts)
+    values = torch.empty(sum(p.numel() for p in model.parameters() if p.requires_grad), device=ctx.device)
+    for _, piece in gradient_pieces(values, model, ctx.compressed.compressor):
+        ctx.compressed.recv(piece, src)
     stats = None
     if statistics(model):
         stats = torch.empty(sum(b.numel() for b in statistics(model)), device=ctx.device)
@@ -202,20 +110,6 @@ def apply_one(model, grads: FlatGradients, optimizer, gradient: Gradient) -> Non
         set_statistics(model, gradient.statistics)
 
 
-class WorkerReports(TrainMeter):
-    """The master's meter: loss and accuracy of the batches behind the gradients it received.
-
-    The master trains on no samples itself, so its ``samples`` stays 0 (the workers count
-    theirs, and the summary adds up every rank's).
-    """
-
-    def add_report(self, report: Report) -> None:
-        self.loss_sum += report.loss
-        self.batches += 1
-        self.correct += report.correct
-        self.count += report.samples
-
-
 def staleness_summary(histogram: Counter) -> dict:
     """Mean, max and the histogram (staleness -> number of gradients) of a run."""
     applied = sum(histogram.values())
@@ -224,8 +118,11 @@ def staleness_summary(histogram: Counter) -> dict:
             "staleness_histogram": {str(s): histogram[s] for s in sorted(histogram)}}
 
 
-
-
+def master_optimizer(ctx: RankContext):
+    """The master's gradient buffer and optimizer, and the step it starts after (0, or the checkpoint's)."""
+    grads = FlatGradients(ctx.model.parameters())
+    optimizer = ctx.make_optimizer(ctx.model.parameters())
+    return grads, optimizer, restore(ctx, ctx.model, optimizer)
 
 
 # --- ps-sync ----------------------------------------------------------------------------
@@ -236,7 +133,7 @@ class ParameterServerSync(MasterWorkerMode):
     def master(self, ctx: RankContext) -> dict:
         model = ctx.model
         grads, optimizer, start = master_optimizer(ctx)
-        meter = WorkerReports()
+        meter = TrainMeter()
         for step in range(start + 1, ctx.total_steps + 1):
             received = []
             for worker in range(1, ctx.world):  # "the sum of all the subgradients, from all the processors"
@@ -271,23 +168,17 @@ class ParameterServerSync(MasterWorkerMode):
 
 
 # --- ps-async ---------------------------------------------------------------------------
-class AsyncMaster:
+class PSAsyncMaster(AsyncMaster):
     """The master of ps-async: first come, first served, one gradient at a time.
 
-    One listener thread per worker receives that worker's reports and gradients and
-    puts them in a queue, in the order they arrive. The main thread takes them out one
-    at a time, applies the gradient and sends that worker the new weights: the weights
-    only ever change by one gradient at a time (the lock of the slide). A worker that
-    dies makes only its own listener fail, as soon as a receive from it fails (at once
-    when its connection closes, or after ``--timeout`` seconds of silence): the master
-    drops that worker and goes on with the others.
+    Each gradient is applied and answered with the new weights before the next one is
+    taken: the weights only ever change by one gradient at a time (the lock of the slide).
     """
 
     def __init__(self, ctx: RankContext):
-        self.ctx = ctx
+        super().__init__(ctx, at_once=False)
         self.model = ctx.model
         self.grads = FlatGradients(self.model.parameters())
-        self.workers = list(range(1, ctx.world))
         self.optimizer = ctx.make_optimizer(self.model.parameters())
         for group in self.optimizer.param_groups:  # a round of N-1 gradients makes one step
             group["lr"] /= len(self.workers)
@@ -297,9 +188,9 @@ class AsyncMaster:
         self.delivered = saved.get("delivered", dict.fromkeys(self.workers, 0))  # steps, per worker
         self.staleness = Counter(saved.get("staleness", {}))
         self.computed_on = dict.fromkeys(self.workers, self.version)  # the weights each worker holds
-        self.finished: list[int] = []  # workers that have done all their steps
-        self.lost: list[int] = []
-        self.meter = WorkerReports()
+        self.done: list[int] = []  # workers that have done all their steps
+        self.dropped: list[int] = []
+        self.meter = TrainMeter()
         self.epoch = 0
 
     def state(self) -> dict:
@@ -308,53 +199,25 @@ class AsyncMaster:
 
     def run(self) -> dict:
         ctx = self.ctx
-        arrivals: queue.Queue = queue.Queue()
-        for worker in self.workers:
-            threading.Thread(target=self.listen, args=(worker, arrivals), daemon=True,
-                             name=f"ps-async-listener-{worker}").start()
-        listening = set(self.workers)
-        while listening:
-            with ctx.timers.time("wait"):  # whoever comes first
-                kind, worker, what = arrivals.get()
-            if kind == "gradient":
-                self.serve(worker, *what)
-                continue
-            listening.discard(worker)
-            if kind == "finished":
-                self.finished.append(worker)
-            elif kind == "lost":
-                self.drop(worker, what)
-            else:
-                raise what
+        self.serve_workers()
         end_step(ctx, ctx.total_steps, self.epoch, self.meter, self.model, self.state)
-        for worker in self.finished:  # the workers leave with the final weights
+        for worker in self.done:  # the workers leave with the final weights
             try:
                 with ctx.timers.time("comm"):
                     ctx.comm.send(get_weights(self.model), worker)
             except PeerError as error:
-                self.drop(worker, error)
+                self.lost(worker, error)
         summary = staleness_summary(self.staleness)
         ctx.event("staleness", histogram=summary["staleness_histogram"],
                   mean=summary["mean_staleness"], max=summary["max_staleness"])
         return {"model": self.model, "train_loss": self.meter.last_loss, **summary,
-                "gradients_applied": self.version, "workers_lost": self.lost}
+                "gradients_applied": self.version, "workers_lost": self.dropped}
 
-    def listen(self, worker: int, arrivals: queue.Queue) -> None:
-        """A listener thread: queue what ``worker`` sends until it finishes or fails."""
-        try:
-            while True:
-                report, _ = Report.recv(self.ctx.comm, worker)
-                if report.step == FINISHED:
-                    arrivals.put(("finished", worker, None))
-                    return
-                arrivals.put(("gradient", worker, (report, recv_gradient(self.ctx, self.model, worker))))
-        except PeerError as error:
-            arrivals.put(("lost", worker, error))
-        except Exception as error:  # noqa: BLE001 - the main thread raises it
-            arrivals.put(("failed", worker, error))
+    def receive(self, worker: int, report: Report) -> Gradient:
+        return recv_gradient(self.ctx, self.model, worker)
 
     def serve(self, worker: int, report: Report, gradient: Gradient) -> None:
-        """Apply ``worker``'s gradient and send it the new weights."""
+        """Apply ``worker``'s gradient and send it the new weights ("receiving W from master")."""
         ctx = self.ctx
         with ctx.timers.time("compute"):
             apply_one(self.model, self.grads, self.optimizer, gradient)
@@ -363,21 +226,22 @@ class AsyncMaster:
         self.delivered[worker] = report.step
         self.meter.add_report(report)
         self.epoch = report.epoch
-        try:
-            with ctx.timers.time("comm"):  # "receiving W from master"
-                ctx.comm.send(get_weights(self.model), worker)
-            self.computed_on[worker] = self.version
-        except PeerError as error:
-            self.drop(worker, error)
-        workers = len(self.workers)
-        while self.version >= (self.step + 1) * workers and self.step + 1 < ctx.total_steps:
-            self.step += 1
-            end_step(ctx, self.step, self.epoch, self.meter, self.model, self.state)
+        with ctx.timers.time("comm"):
+            ctx.comm.send(get_weights(self.model), worker)
+        self.computed_on[worker] = self.version
 
-    def drop(self, worker: int, error: Exception) -> None:
+    def served(self, worker: int, report: Report) -> None:
+        while self.version >= (self.step + 1) * len(self.workers) and self.step + 1 < self.ctx.total_steps:
+            self.step += 1
+            end_step(self.ctx, self.step, self.epoch, self.meter, self.model, self.state)
+
+    def finished(self, worker: int) -> None:
+        self.done.append(worker)
+
+    def lost(self, worker: int, error: Exception) -> None:
         """Stop serving ``worker`` (talking to it failed): training goes on with the others."""
-        if worker not in self.lost:
-            self.lost.append(worker)
+        if worker not in self.dropped:
+            self.dropped.append(worker)
             self.ctx.event("worker_dropped", worker=worker, step=self.step,
                            error=str(error).splitlines()[0], steps_done=self.delivered[worker])
 
@@ -387,7 +251,7 @@ class AsyncMaster:
                      validate=needs_a_worker, survives_worker_loss=True)
 class ParameterServerAsync(MasterWorkerMode):
     def master(self, ctx: RankContext) -> dict:
-        return AsyncMaster(ctx).run()
+        return PSAsyncMaster(ctx).run()
 
     def worker(self, ctx: RankContext) -> dict:
         model = ctx.model

@@ -1,50 +1,19 @@
 """Stale-synchronous parallel SGD (SSP): a parameter server with bounded staleness.
 
-From *Distributed & Parallel Computing for Deep Learning* (NTHU, chap. 12), slide
-"3. Stale Synchronous SGD": "SSP consistency model. Staleness threshold s defines the
-acceptance range for delays: changes no later than s iterations ago are guaranteed to
-be seen; readers may wait for stragglers if it is more than s iterations behind"
-(Ho et al., *More Effective Distributed ML via a Stale Synchronous Parallel Parameter
-Server*, NIPS 2013; Zhang et al., *Poseidon*, 2015). Hoefler's keynote (document 004)
-places it between synchronous and asynchronous: "bounded staleness".
+*Distributed & Parallel Computing for Deep Learning* (NTHU, chap. 12), slide "3. Stale
+Synchronous SGD": "Staleness threshold s defines the acceptance range for delays: changes
+no later than s iterations ago are guaranteed to be seen; readers may wait for stragglers
+if it is more than s iterations behind" (Ho et al., NIPS 2013; Zhang et al., *Poseidon*,
+2015); "bounded staleness" in Hoefler's keynote (document 004).
 
-The layout and the messages are those of ``ps.py``: rank 0 is the master, ranks
-1..N-1 are the workers, a worker sends a Report and its gradient and gets weights back.
-What SSP adds is the *clock*:
-
-- a worker's clock is the number of steps it has done; the *slowest* clock is the
-  smallest of them;
-- the master applies the gradients of clock c, averaged in rank order exactly as
-  ps-sync does, as soon as every worker has sent its gradient of clock c. The
-  master's weights are therefore always those of the slowest clock;
-- after sending the gradient of its step c, a worker learns the slowest clock. It may
-  start step c + 1 only if it is at most S clocks ahead (``c - slowest <= S``, with
-  ``--staleness S``); if it is further ahead, it **waits** (``timers.wait_s``) until
-  the stragglers catch up and the master sends it newer weights.
-
-With S = 0 every worker waits for every other at every step: this is ps-sync, and it
-computes the very same weights (the same gradients, averaged in the same order). With
-a large S no worker ever waits, but it may compute on weights up to S clocks old. The
-master counts how many clocks behind its own each gradient was computed (always <= S):
-a ``staleness`` event and ``mean_staleness`` in ``summary.json``, as in ps-async.
-
-Two details keep stale gradients from hurting (with S = 0 neither changes anything, as
-no gradient is ever stale and nothing ever waits for its clock):
-
-- read-my-writes: in SSP a worker always sees its own updates (Ho et al.). The weights
-  the master sends a worker are those of the slowest clock plus that worker's own
-  gradients still waiting for their clock, each as the plain SGD step (-lr / (N-1)
-  times the gradient) it will make in its clock's average;
-- a gradient computed k clocks behind counts 1 / (1 + k) in its clock's average: the
-  staleness-dependent learning rate of Zhang et al. (*Staleness-aware Async-SGD for
-  Distributed Deep Learning*, IJCAI 2016).
-
-Without them, stale weights and momentum 0.9 made the default run (S = 2) on digits end
-anywhere between 91 % and 97 % test accuracy, depending on how far the workers drifted
-apart; with them, between 95.5 % and 97 %.
-
-Faults: SSP is synchronous (a clock needs every worker), so the loss of any rank ends
-the run, failed, with a checkpoint of the slowest clock to ``--resume`` from.
+The layout and the messages are those of ps-sync (``master_worker.py``, ``ps.py``). The
+master applies the gradients of clock c, averaged in rank order as ps-sync does, once
+every worker has sent its gradient of clock c; a worker may start step c + 1 only if it
+is at most S = ``--staleness`` clocks ahead of the slowest, and otherwise waits. S = 0 is
+ps-sync, bit for bit. Two details keep stale gradients from hurting: read-my-writes (Ho
+et al.: a worker's weights include its own gradients still waiting for their clock) and
+the staleness-dependent learning rate of Zhang et al. (IJCAI 2016: a gradient k clocks
+behind counts 1 / (1 + k)). ``docs/sync_modes_ps.md`` gives the results.
 """
 
 from __future__ import annotations
@@ -55,29 +24,17 @@ import torch
 
 from ..comm.buckets import FlatGradients
 from ..registry import SYNC_MODES
-from .base import (
+from .base import RankContext, TrainMeter, checkpoint_state, end_step, restore
+from .master_worker import (
+    MASTER,
     MasterWorkerMode,
-    RankContext,
-    TrainMeter,
-    checkpoint_state,
-    end_step,
-    master_optimizer,
+    Report,
+    get_weights,
     needs_a_worker,
-    restore,
+    set_weights,
     worker_batches,
 )
-from .ps import (
-    MASTER,
-    Gradient,
-    Report,
-    WorkerReports,
-    apply_mean,
-    get_weights,
-    recv_gradient,
-    send_gradient,
-    set_weights,
-    staleness_summary,
-)
+from .ps import Gradient, apply_mean, master_optimizer, recv_gradient, send_gradient, staleness_summary
 
 
 def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
@@ -93,19 +50,22 @@ def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
 
 @SYNC_MODES.register("ssp", help="stale-synchronous parallel: a parameter server where a worker "
                                  "may run at most --staleness steps ahead of the slowest",
-                     validate=needs_a_worker)
+                     settings=("staleness",), validate=needs_a_worker)
 class StaleSynchronous(MasterWorkerMode):
+    def __init__(self, staleness: int):
+        self.staleness = staleness
+
     def master(self, ctx: RankContext) -> dict:
         model = ctx.model
         grads, optimizer, slowest = master_optimizer(ctx)  # a checkpoint holds the slowest clock's weights
-        staleness_limit = ctx.options["staleness"]
+        staleness_limit = self.staleness
         workers = list(range(1, ctx.world))
         clock = dict.fromkeys(workers, slowest)
         computed_on = dict.fromkeys(workers, slowest)  # the clock of the weights each worker holds
         pending: dict[int, dict[int, Gradient]] = {}  # clock -> {worker: gradient}, until complete
         waiting: set[int] = set()  # workers too far ahead, waiting for newer weights
         staleness = Counter()
-        meter = WorkerReports()
+        meter = TrainMeter()
 
         def send_weights(worker: int) -> None:
             """The weights of the slowest clock, with the worker's own waiting gradients (read-my-writes)."""
@@ -153,7 +113,7 @@ class StaleSynchronous(MasterWorkerMode):
         model = ctx.model
         grads = FlatGradients(model.parameters())
         start = restore(ctx, model, None)
-        staleness_limit = ctx.options["staleness"]
+        staleness_limit = self.staleness
         meter = TrainMeter(samples=start * ctx.batch_size)
         weights = get_weights(model)
         slowest = torch.zeros(1, dtype=torch.int64)

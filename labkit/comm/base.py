@@ -49,13 +49,29 @@ class CommStats:
         with self.lock:
             self.comm_s += seconds
 
-    def snapshot(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "messages_sent": self.messages_sent,
-                "comm_s": self.comm_s}
-
 
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+class Request:
+    """A send or receive under way (``isend`` / ``irecv``). ``wait()`` blocks until it is
+    done and returns the peer's rank; like the blocking calls it raises :class:`PeerError`
+    when the peer died or ``timeout`` seconds pass, counted from the call to ``wait()``."""
+
+    def __init__(self, wait, stats: CommStats):
+        self._wait = wait
+        self._stats = stats
+        self._peer: int | None = None
+        self._done = False
+
+    def wait(self) -> int:
+        if not self._done:
+            t0 = time.perf_counter()
+            self._peer = self._wait()
+            self._done = True
+            self._stats.add_time(time.perf_counter() - t0)
+        return self._peer
 
 
 class Communicator:
@@ -99,6 +115,23 @@ class Communicator:
         sender = self._recv(tensor, src, tag)
         self.stats.add_time(time.perf_counter() - t0)
         return sender
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Request:
+        """Start sending ``tensor`` to ``dst`` and return at once; do not touch ``tensor``
+        until ``wait()`` has returned."""
+        self._check_peer(dst, "dst")
+        if not tensor.is_contiguous():
+            raise ValueError("isend needs a contiguous tensor (it is sent from its own memory)")
+        request = Request(self._isend(tensor, dst, tag), self.stats)
+        self.stats.add("send", nbytes(tensor))
+        return request
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Request:
+        """Start receiving into ``tensor`` from ``src``; it holds the message once ``wait()`` returns."""
+        self._check_peer(src, "src")
+        if not tensor.is_contiguous():
+            raise ValueError("irecv needs a contiguous tensor (it is received in place)")
+        return Request(self._irecv(tensor, src, tag), self.stats)
 
     # --- collectives ------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -161,6 +194,14 @@ class Communicator:
     def _recv(self, tensor, src, tag) -> int:
         raise NotImplementedError
 
+    def _isend(self, tensor, dst, tag):
+        """Start the send; return a function that waits for it and returns ``dst``."""
+        raise NotImplementedError
+
+    def _irecv(self, tensor, src, tag):
+        """Start the receive; return a function that waits for it and returns ``src``."""
+        raise NotImplementedError
+
     def _allreduce(self, tensor, op):
         raise NotImplementedError
 
@@ -195,7 +236,7 @@ class SingleProcessCommunicator(Communicator):
     def _send(self, tensor, dst, tag):
         raise RuntimeError("send: a single-process run has no other rank to talk to")
 
-    _recv = _send
+    _recv = _isend = _irecv = _send
 
     def _barrier(self):
         pass

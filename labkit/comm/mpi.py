@@ -91,6 +91,26 @@ class MPICommunicator(Communicator):
         status = self._wait(self.comm.Irecv(_as_bytes(tensor), source=source, tag=tag), "recv", src)
         return status.Get_source()
 
+    def _isend(self, tensor, dst, tag):
+        self._check_cpu(tensor)
+        buffer = _as_bytes(tensor)
+        request = self.comm.Isend(buffer, dest=dst, tag=tag)
+
+        def wait(buffer=buffer):  # the buffer stays alive until the send is done
+            self._wait(request, "isend", dst)
+            return dst
+        return wait
+
+    def _irecv(self, tensor, src, tag):
+        self._check_cpu(tensor)
+        buffer = _as_bytes(tensor)
+        request = self.comm.Irecv(buffer, source=src, tag=tag)
+
+        def wait(buffer=buffer):
+            self._wait(request, "irecv", src)
+            return src
+        return wait
+
     def _allreduce(self, tensor, op):
         MPI = _mpi()
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]

@@ -67,6 +67,37 @@ class TorchDistCommunicator(Communicator):
         sender = self._call("recv", lambda t: dist.recv(t, peer, group=self.group, tag=tag), tensor)
         return self.global_ranks.index(sender)
 
+    def _isend(self, tensor, dst, tag):
+        moved = tensor if self._on_device(tensor) else tensor.to(self.device)
+        work = self._call("isend", lambda t: dist.isend(t, self.global_ranks[dst], group=self.group, tag=tag),
+                          moved)
+
+        def wait():
+            self._wait_work(work, "isend", dst)
+            return dst
+        return wait
+
+    def _irecv(self, tensor, src, tag):
+        moved = tensor if self._on_device(tensor) else torch.empty_like(tensor, device=self.device)
+        work = self._call("irecv", lambda t: dist.irecv(t, self.global_ranks[src], group=self.group, tag=tag),
+                          moved)
+
+        def wait():
+            self._wait_work(work, "irecv", src)
+            if moved is not tensor:
+                tensor.copy_(moved)
+            return src
+        return wait
+
+    def _wait_work(self, work, op: str, peer: int) -> None:
+        """Wait for a torch.distributed request until the deadline; PeerError if it fails."""
+        try:
+            done = work.wait(datetime.timedelta(seconds=self.timeout))
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise _lost(op, e) from e
+        if done is False:
+            raise PeerError(f"{op}: no answer from rank {peer} in {self.timeout:.0f} s (it died or is stuck)")
+
     def _allreduce(self, tensor, op):
         self._call("allreduce", lambda t: dist.all_reduce(t, _OPS[op], group=self.group), tensor)
 

@@ -1,10 +1,10 @@
 """Gradient compression: compressors, error feedback and compressed communication.
 
-    from labkit.compress import make_compressor, allreduce_compressed
+    from labkit.compress import make_compressor, CompressedCommunicator
     compressor = make_compressor("topk", ratio=0.01)          # error feedback on by default
     packet = compressor.compress(grad, key="fc1.weight")       # packet.nbytes: bytes on the wire
     approx = compressor.decompress(packet)                     # shape and dtype of grad
-    total = allreduce_compressed(comm, compressor, grad, key="fc1.weight")   # sum over ranks
+    CompressedCommunicator(comm, compressor).allreduce(grad, key="fc1.weight")  # sum over ranks, in place
 
 The split into Compressor, Memory (error feedback) and Communicator follows GRACE
 (``base.py`` explains it, ``docs/compression.md`` compares the compressors). Each
@@ -41,7 +41,7 @@ from .base import (
     available_compressors,
     make_compressor,
 )
-from .communicate import allreduce_compressed, recv_compressed, send_compressed
+from .communicate import CompressedCommunicator, allreduce_compressed, recv_compressed, send_compressed
 
 __all__ = ["Compressor", "Packet", "ResidualMemory", "available_compressors", "make_compressor",
-           "allreduce_compressed", "send_compressed", "recv_compressed"]
+           "CompressedCommunicator", "allreduce_compressed", "send_compressed", "recv_compressed"]

@@ -8,7 +8,10 @@ Learning*, ICDCS 2021) cuts every scheme into three small parts:
   key: the error feedback of 1-bit SGD ("Distributed & Parallel Computing for Deep
   Learning", NTHU chap. 12, slides "1-Bit SGD"; Hoefler's keynote: "use lossy
   compression when sending, accumulate error locally!");
-- a **Communicator** moves packets between ranks (``labkit/compress/communicate.py``).
+- a **Communicator** moves packets between ranks (``labkit/compress/communicate.py``):
+  every compressor inherits the one-round protocol of :class:`Compressor`'s
+  ``allreduce``, ``send``, ``recv`` and ``broadcast``; one that needs more rounds
+  (PowerSGD) overrides them.
 
 A :class:`Packet` holds the real on-wire encoding: sign bits packed eight to a byte,
 indices in the smallest integer type that fits, values in their reduced type. Its
@@ -217,6 +220,29 @@ class Compressor:
     def residual(self, key=None) -> torch.Tensor | None:
         """What error feedback holds for ``key`` (None before the first step or without it)."""
         return None if self.memory is None else self.memory.residuals.get(key)
+
+    # --- the protocol across ranks (labkit/compress/communicate.py) ----------------------------
+    def allreduce(self, comm, tensor: torch.Tensor, key=None) -> torch.Tensor:
+        """The sum over ranks of every rank's decompressed ``tensor``."""
+        from .communicate import allreduce_packets
+
+        return allreduce_packets(comm, self, tensor, key)
+
+    def send(self, comm, tensor: torch.Tensor, dst: int, key=None, tag: int = 0) -> None:
+        from .communicate import send_compressed
+
+        send_compressed(comm, self, tensor, dst, key, tag)
+
+    def recv(self, comm, like: torch.Tensor, src: int | None = None, tag: int = 0) -> tuple[torch.Tensor, int]:
+        """(the decompressed tensor, the sender) of what ``send`` sent."""
+        from .communicate import recv_compressed
+
+        return recv_compressed(comm, self, like, src, tag)
+
+    def broadcast(self, comm, tensor: torch.Tensor, src: int = 0, key=None) -> torch.Tensor:
+        from .communicate import broadcast_compressed
+
+        return broadcast_compressed(comm, self, tensor, src, key)
 
     def check(self, param: str, value, ok: bool, allowed: str) -> None:
         if not ok:

@@ -1,19 +1,21 @@
-"""Moving packets between ranks: the Communicator role of GRACE.
+"""Moving compressed tensors between ranks: the Communicator role of GRACE.
 
-Any compressor works over any communicator (``labkit.comm``: gloo, NCCL, MPI, or one
-process), through three paths for a sum across ranks:
+:class:`CompressedCommunicator` is the one sync point every mode talks to, the way a
+DDP communication hook plugs into one place: it wraps a labkit ``Communicator`` and a
+compressor and offers ``allreduce``, ``broadcast``, ``send`` and ``recv``, each going
+through the compressor's own protocol (``Compressor.allreduce`` / ``send`` / ``recv`` /
+``broadcast``), so any compressor works in any mode and this module names none of them.
 
-- summable packets (none, fp16, bf16) are allreduced field by field as they are: the
-  ring allreduce of the NTHU slides, on 2 or 4 bytes per value;
-- PowerSGD's factors are summable too, in two rounds (P, then Q);
-- every other packet goes to every rank by allgather of its wire bytes, and each rank
-  decompresses all of them and adds them up, in rank order, so that every rank gets the
-  very same sum. Packets whose size depends on the values (threshold) are padded to the
-  largest, after an allgather of the sizes.
+The protocol every compressor inherits, here:
 
-For the parameter-server modes, ``send_compressed`` / ``recv_compressed`` send one
-packet point to point: its size first, then its bytes. The communicator's
-``stats.bytes_sent`` counts exactly those bytes.
+- a sum across ranks: summable packets (none, fp16, bf16) are allreduced field by field
+  as they are, on 2 or 4 bytes per value; every other packet goes to every rank by
+  allgather of its wire bytes, and each rank decompresses all of them and adds them up,
+  in rank order, so that every rank gets the very same sum. Packets whose size depends
+  on the values (threshold) are padded to the largest, after an allgather of the sizes;
+- point to point and broadcast: one packet, its size first, then its bytes.
+
+The communicator's ``stats.bytes_sent`` counts exactly those bytes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from __future__ import annotations
 import torch
 
 from .base import Compressor, Packet
-from .powersgd import PowerSGDCompressor
 
 
 def allreduce_compressed(comm, compressor: Compressor, tensor: torch.Tensor, key=None) -> torch.Tensor:
     """The sum over all ranks of each rank's decompressed ``tensor`` (a new tensor)."""
-    if isinstance(compressor, PowerSGDCompressor):
-        return _allreduce_powersgd(comm, compressor, tensor, key)
+    return compressor.allreduce(comm, tensor, key)
+
+
+def allreduce_packets(comm, compressor: Compressor, tensor: torch.Tensor, key=None) -> torch.Tensor:
+    """The protocol of a one-round compressor: summed fields, or gathered packets."""
     packet = compressor.compress(tensor, key)
     if compressor.summable:
         for field in packet.fields:
@@ -49,23 +53,6 @@ def allgather_packets(comm, packet: Packet, variable_size: bool) -> list[Packet]
     else:
         sizes = [wire.numel()] * comm.size
     return [Packet.from_wire(buffer[:size]) for buffer, size in zip(comm.allgather(wire), sizes)]
-
-
-def _allreduce_powersgd(comm, compressor: PowerSGDCompressor, tensor, key):
-    """Algorithm 1 of the PowerSGD paper with error feedback: two allreduce rounds."""
-    memory = compressor.memory
-    compensated = tensor if memory is None else memory.compensate(tensor, key)
-    if tensor.dim() < 2:
-        return comm.allreduce(compensated.clone())
-    matrix = compressor.as_matrix(compensated)
-    p = compressor.first_factor(matrix, key)
-    comm.allreduce(p)  # round 1: P = (sum of M_i) Q, the same on every rank
-    q = compressor.second_factor(matrix, p, key)  # this rank's Q_i = M_i^T P
-    packet = Packet(tensor.shape, tensor.dtype, [p, q])
-    if memory is not None:
-        memory.update(compensated, compressor.decompress(packet), key)
-    comm.allreduce(q)  # round 2: sum of Q_i, in place, so it is also every rank's warm start
-    return compressor.decompress(packet)
 
 
 def send_compressed(comm, compressor: Compressor, tensor: torch.Tensor, dst: int, key=None,
@@ -93,3 +80,71 @@ def recv_compressed(comm, compressor: Compressor, like: torch.Tensor, src: int |
         raise ValueError(f"recv_compressed: rank {sender} sent a {tuple(tensor.shape)} {tensor.dtype} "
                          f"tensor, expected {tuple(like.shape)} {like.dtype}")
     return tensor, sender
+
+
+def broadcast_compressed(comm, compressor: Compressor, tensor: torch.Tensor, src: int = 0,
+                         key=None) -> torch.Tensor:
+    """Rank ``src``'s ``tensor``, compressed, on every rank (decompressed; a new tensor)."""
+    if comm.rank == src:
+        packet = compressor.compress(tensor, key)
+        wire = packet.to_wire()
+        size = torch.tensor([wire.numel()])
+    else:
+        size = torch.zeros(1, dtype=torch.int64)
+    comm.broadcast(size, src)
+    if comm.rank != src:
+        wire = torch.empty(int(size), dtype=torch.uint8)
+    comm.broadcast(wire, src)
+    return compressor.decompress(packet if comm.rank == src else Packet.from_wire(wire))
+
+
+class CompressedCommunicator:
+    """A communicator that compresses what it sends with ``compressor`` (``none``: as it is).
+
+    ``allreduce`` and ``broadcast`` work in place and return the tensor, ``recv`` receives
+    into the tensor it is given and returns the sender, as the plain communicator's do;
+    ``key`` names the tensor for error feedback (one residual per key).
+    """
+
+    def __init__(self, comm, compressor: Compressor):
+        self.comm = comm
+        self.compressor = compressor
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    @property
+    def stats(self):
+        return self.comm.stats
+
+    def over(self, comm) -> "CompressedCommunicator":
+        """The same compressor (and its error feedback) over another communicator."""
+        return CompressedCommunicator(comm, self.compressor)
+
+    def allreduce(self, tensor: torch.Tensor, key=None) -> torch.Tensor:
+        total = self.compressor.allreduce(self.comm, tensor, key)
+        if total is not tensor:
+            tensor.copy_(total)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, key=None) -> torch.Tensor:
+        received = self.compressor.broadcast(self.comm, tensor, src, key)
+        if received is not tensor:
+            tensor.copy_(received)
+        return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int, key=None, tag: int = 0) -> None:
+        self.compressor.send(self.comm, tensor, dst, key, tag)
+
+    def recv(self, tensor: torch.Tensor, src: int | None = None, tag: int = 0) -> int:
+        received, sender = self.compressor.recv(self.comm, tensor, src, tag)
+        tensor.copy_(received)
+        return sender
+
+    def __repr__(self) -> str:
+        return f"<CompressedCommunicator {self.compressor.name!r} over {self.comm!r}>"

@@ -30,7 +30,7 @@ class PowerSGDCompressor(Compressor):
 
         P = M Q,   P <- orthogonalize(P),   Q = M^T P,   M ~ P Q^T
 
-    Across ranks P and Q are sums: ``allreduce_compressed`` allreduces P between the two
+    Across ranks P and Q are sums: :meth:`allreduce` allreduces P between the two
     products and Q after them (two rounds), so every rank ends with the same P and Q
     and the same warm start. The starting Q comes from a generator seeded identically
     on every rank: compress the same keys in the same order everywhere. Vectors (1-D
@@ -76,6 +76,22 @@ class PowerSGDCompressor(Compressor):
         p = self.first_factor(matrix, key)
         q = self.second_factor(matrix, p, key)
         return Packet(tensor.shape, tensor.dtype, [p, q])
+
+    def allreduce(self, comm, tensor, key=None):
+        """Algorithm 1 of the PowerSGD paper with error feedback: two allreduce rounds."""
+        memory = self.memory
+        compensated = tensor if memory is None else memory.compensate(tensor, key)
+        if tensor.dim() < 2:
+            return comm.allreduce(compensated.clone())
+        matrix = self.as_matrix(compensated)
+        p = self.first_factor(matrix, key)
+        comm.allreduce(p)  # round 1: P = (sum of M_i) Q, the same on every rank
+        q = self.second_factor(matrix, p, key)  # this rank's Q_i = M_i^T P
+        packet = Packet(tensor.shape, tensor.dtype, [p, q])
+        if memory is not None:
+            memory.update(compensated, self.decompress(packet), key)
+        comm.allreduce(q)  # round 2: sum of Q_i, in place, so it is also every rank's warm start
+        return self.decompress(packet)
 
     def decompress(self, packet):
         if len(packet.fields) == 1:

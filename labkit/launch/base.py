@@ -81,17 +81,32 @@ def guarded_rank(run_dir) -> list[str]:
     return [sys.executable, GUARD, str(run_dir)]
 
 
+def host_cores() -> int:
+    """The cores this process may run on (its affinity, not the whole machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def share_cores(env: dict, ranks_on_host: int) -> dict:
+    """Give each of ``ranks_on_host`` ranks its share of the cores: OMP_NUM_THREADS =
+    cores / ranks (at least 1), which torch reads for its thread pool, unless the user
+    set OMP_NUM_THREADS. Two ranks with torch's default of one thread per core each fight
+    over every core (torchrun sets OMP_NUM_THREADS=1 for the same reason)."""
+    env.setdefault("OMP_NUM_THREADS", str(max(1, host_cores() // max(1, ranks_on_host))))
+    return env
+
+
 def rank_env(config, run_dir) -> dict:
-    """The environment every rank shares: backend, timeout, where to log."""
+    """The environment every rank shares: backend, timeout, where to log, its threads."""
     env = dict(os.environ)
     env.update({
         "LABKIT_BACKEND": config.backend, "LABKIT_TIMEOUT": str(config.timeout),
         "LABKIT_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1",
         "LABKIT_LOCAL_WORLD": str(config.workers),
     })
-    # each rank sets its own thread count; stop OpenMP from oversubscribing first
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
-    return env
+    return share_cores(env, config.workers)
 
 
 def signal_name(returncode: int) -> str:

@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 
-from .base import free_port, kill_group, spawn
+from .base import free_port, kill_group, share_cores, spawn
 
 
 def _command_for(launcher: str, n: int, command: list[str]) -> list[list[str]] | list[str]:
@@ -31,6 +31,9 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
                WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), PYTHONUNBUFFERED="1")
     if launcher == "slurm":
         env.pop("MASTER_ADDR")  # the first node of the allocation, set by the batch script
+        env.pop("LOCAL_WORLD_SIZE")  # srun spreads the ranks over the nodes: SLURM_CPUS_PER_TASK decides
+    else:
+        share_cores(env, n)  # all n ranks run on this host
     logdir = tempfile.mkdtemp(prefix="labkit-launch-")
     if launcher == "local":
         procs = [spawn(command, dict(env, RANK=str(r), LOCAL_RANK=str(r)), os.path.join(logdir, f"rank-{r}.log"))

@@ -5,8 +5,8 @@ modes or the compressors, or a fixed set such as ``--easgd-variant``) becomes a 
 of exactly those names; a yes/no field becomes a checkbox; every other field becomes a
 text box whose text goes through ``RunConfig.parse_value``, the parser the command line
 uses, so a typo gets the same message in both places. The compressor's parameters are
-rebuilt from its registered defaults whenever the compressor changes, and the settings
-of the sync modes appear only under the modes they belong to.
+rebuilt from its registered defaults whenever the compressor changes, and a sync mode's
+settings are those it declared at registration (``settings=``).
 """
 
 from __future__ import annotations
@@ -54,14 +54,9 @@ def widget_value(name: str, widget: w.Widget):
     return widget.value
 
 
-def applies_to(sync: str, info: dict) -> bool:
-    """Does a sync-mode setting apply to mode ``sync``?
-
-    The help of every setting starts with the mode (or family of modes) it belongs to,
-    ``"ssp: how many clocks ..."`` or ``"EASGD: strength of ..."``.
-    """
-    modes, sep, _ = info["help"].partition(":")
-    return bool(sep) and modes.strip().lower() in sync.lower()
+def applies_to(sync: str, name: str) -> bool:
+    """Does the setting ``name`` belong to mode ``sync``? (the mode declared it)"""
+    return name in reg.SYNC_MODES.entry(sync).meta.get("settings", ())
 
 
 class ConfigForm:
@@ -118,7 +113,7 @@ class ConfigForm:
     def _show_sync_settings(self) -> None:
         sync = self.widgets["sync"].value
         self.settings_box.children = [widget for name, widget in self.sync_settings.items()
-                                      if applies_to(sync, self.info[name])]
+                                      if applies_to(sync, name)]
 
     def _describe(self) -> None:
         lines = []
