@@ -12,6 +12,9 @@ BENCHMARKS = {
     "allreduce": ("labkit.bench.allreduce", "allreduce algorithms: time, algbw, busbw, cost model"),
     "compress": ("labkit.bench.compress", "compressors: throughput, ratio, error"),
     "modes": ("labkit.bench.modes", "every sync mode on digits: accuracy, time, bytes, comm fraction"),
+    "lns": ("labkit.bench.lns", "the seed-001 LNS table: normal, LNS matmul, LNS everywhere, + Kahan"),
+    "conv": ("labkit.bench.conv", "convolution algorithms: work, depth, multiplications, time vs torch"),
+    "microbatch": ("labkit.bench.microbatch", "micro-batch x algorithm per layer under a workspace budget"),
     "latency": ("labkit.bench.latency", "ProxylessNAS latency table of this machine: every candidate, batch 1, median"),
     "scaling": ("labkit.bench.scaling", "strong/weak scaling to a test accuracy, by the rules"),
 }
