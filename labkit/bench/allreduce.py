@@ -44,13 +44,12 @@ from ..comm import collectives, init, mpiexec_path
 from ..comm.costmodel import fit_alpha_beta, predict
 from ..launch.base import free_port, kill_group, spawn
 
-# name in the table -> (function of (comm, tensor), cost-model collective)
-HAND_WRITTEN = {
-    "labkit-ring": (collectives.ring_allreduce, "ring"),
-    "labkit-tree": (collectives.tree_allreduce, "tree"),
-    "labkit-recursive-doubling": (collectives.recursive_doubling_allreduce, "recursive_doubling"),
-    "labkit-ps": (collectives.ps_allreduce, "parameter_server"),
-}
+# name in the table -> (function of (comm, tensor), cost-model collective): the lessons of
+# labkit.comm.collectives, and, on request (--fast-ring), the ring as the libraries run it
+SHORT_NAMES = {"parameter_server": "ps"}
+HAND_WRITTEN = {f"labkit-{SHORT_NAMES.get(name, name).replace('_', '-')}": (function, name)
+                for name, function in collectives.ALLREDUCE_ALGORITHMS.items()}
+FAST_RING = {"labkit-fast-ring": (collectives.fast_ring_allreduce, "ring")}
 LIBRARY_NAMES = {"gloo": "torch.distributed", "mpi": "MPI_Allreduce"}
 PROGRESS = "labkit-bench-progress"
 MEASUREMENT_BUDGET_S = 1.0
@@ -67,8 +66,8 @@ def library_allreduce(comm, tensor):
 
 def algorithm(name: str):
     """(function, cost-model collective) of a row name."""
-    if name in HAND_WRITTEN:
-        return HAND_WRITTEN[name]
+    if name in HAND_WRITTEN or name in FAST_RING:
+        return {**HAND_WRITTEN, **FAST_RING}[name]
     return library_allreduce, "library"
 
 
@@ -291,6 +290,8 @@ def main(argv: list[str]) -> int:
                         help="timed calls per measurement, fewer for slow ones (default 20)")
     parser.add_argument("--backend", choices=["gloo", "mpi"], default="gloo",
                         help="backend of the hand-written algorithms (default gloo)")
+    parser.add_argument("--fast-ring", action="store_true",
+                        help="add labkit-fast-ring, the bidirectional segmented ring, to the table")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.n < 2:
@@ -301,7 +302,7 @@ def main(argv: list[str]) -> int:
         parser.error("--factor must be >= 2 and --iters >= 1")
     sizes = [s for s in size_range(args.min_bytes, args.max_bytes, args.factor) if s % 4 == 0]
 
-    launches = [(args.backend, [*HAND_WRITTEN, LIBRARY_NAMES[args.backend]])]
+    launches = [(args.backend, [*HAND_WRITTEN, *(FAST_RING if args.fast_ring else ()), LIBRARY_NAMES[args.backend]])]
     if args.backend != "mpi":
         if mpiexec_path():
             launches.append(("mpi", [LIBRARY_NAMES["mpi"]]))
