@@ -50,3 +50,27 @@ c.OverwriteCells.add_missing_cells = True
 # kernel included; a memory blowup becomes a MemoryError in the student's cell.
 c.GradingLimits.notebook_timeout = 600
 c.GradingLimits.memory_limit_mb = 4096
+
+# Feedback that works offline and shows nothing of the grading machine (labkit/grading/feedback.py):
+# the formulas become MathML (browsers draw it; nbgrader's page would load MathJax from a CDN),
+# every absolute path in an output becomes its last part, and the page is nbgrader's feedback page
+# without its MathJax script (template labkit_feedback, built on nbgrader's "feedback").
+# The packages' folders are found without importing them.
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+
+def _package_folder(name):
+    return os.path.dirname(importlib.util.find_spec(name).origin)
+
+
+c.GenerateFeedback.preprocessors = [
+    "nbgrader.preprocessors.GetGrades",
+    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
+    "labkit.grading.feedback.OfflineFeedback",
+]
+c.HTMLExporter.template_name = "labkit_feedback"
+c.HTMLExporter.extra_template_basedirs = [
+    os.path.join(_package_folder("labkit"), "grading", "templates"),
+    os.path.join(_package_folder("nbgrader"), "server_extensions", "formgrader", "templates"),
+]
