@@ -14,7 +14,15 @@ from __future__ import annotations
 from ..comm.buckets import FlatGradients
 from ..comm.collectives import using_allreduce
 from ..registry import SYNC_MODES
-from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, gradient_pieces, restore
+from .base import (
+    RankContext,
+    SyncMode,
+    TrainMeter,
+    checkpoint_state,
+    end_step,
+    gradient_pieces,
+    restore,
+)
 
 
 def average_gradients(ctx: RankContext, comm, flat, model) -> None:

@@ -141,6 +141,14 @@ def start_worker(ctx: RankContext):
     return start, weights, grads
 
 
+def elastic_step(ctx: RankContext, weights, gradient, center, lr: float, rho: float):
+    """Equation (1) on this worker, timed as computation; the model takes the new weights."""
+    with ctx.timers.time("compute"):
+        weights = worker_update(weights, gradient, center, lr, rho)
+        set_weights(ctx.model, weights)
+    return weights
+
+
 def worker_exchange(ctx: RankContext, report: Report, weights, center) -> None:
     """A worker's request: its report, then its weights as the elastic difference."""
     report.send(ctx.comm)
@@ -193,9 +201,7 @@ class RoundRobinEASGD(SyncMode):
             loss, correct = ctx.forward_backward(ctx.model, x, y)
             with ctx.timers.time("comm"):
                 worker_exchange(ctx, Report(step, epoch, loss, correct, len(y)), weights, center)
-            with ctx.timers.time("compute"):
-                weights = worker_update(weights, grads.buffer, center, self.lr, self.rho)
-                set_weights(ctx.model, weights)
+            weights = elastic_step(ctx, weights, grads.buffer, center, self.lr, self.rho)
             meter.add(loss, correct, len(y))
             end_step(ctx, step, epoch, meter, ctx.model)
         return {"model": ctx.model, "train_loss": meter.last_loss}

@@ -22,9 +22,10 @@ from ..comm.buckets import FlatGradients
 from ..comm.collectives import tree_reduce
 from ..data import batches_per_epoch
 from ..registry import SYNC_MODES
+from . import master_worker
 from .base import RankContext, SyncMode, TrainMeter, checkpoint_state, end_step, restore
-from .easgd import EASGD_SETTINGS, center_update_reduced, worker_update
-from .master_worker import MASTER, Report, needs_a_worker, set_weights, use_worker_steps, worker_batches
+from .easgd import EASGD_SETTINGS, center_update_reduced, elastic_step
+from .master_worker import MASTER, Report, needs_a_worker, set_weights, use_worker_steps
 
 
 @SYNC_MODES.register("easgd-sync", help="Sync EASGD: broadcast of the center, tree reduction of the workers "
@@ -74,7 +75,7 @@ class SyncEASGD(SyncMode):
         grads = FlatGradients(ctx.model.parameters())
         meter = TrainMeter(samples=start * ctx.batch_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="easgd-sync-exchange") as background:
-            for step, epoch, x, y in worker_batches(ctx, start):
+            for step, epoch, x, y in master_worker.worker_batches(ctx, start):
                 if self.variant == 3:
                     in_flight = background.submit(exchange, weights)
                     loss, correct = ctx.forward_backward(ctx.model, x, y)
@@ -85,9 +86,7 @@ class SyncEASGD(SyncMode):
                     center_t = exchange(weights)
                 with ctx.timers.time("comm"):
                     tree_reduce(ctx.comm, torch.tensor([loss, correct, len(y)], dtype=torch.float64))
-                with ctx.timers.time("compute"):
-                    weights = worker_update(weights, grads.buffer, center_t, self.lr, self.rho)
-                    set_weights(ctx.model, weights)
+                weights = elastic_step(ctx, weights, grads.buffer, center_t, self.lr, self.rho)
                 meter.add(loss, correct, len(y))
                 end_step(ctx, step, epoch, meter, ctx.model)
         return {"model": ctx.model, "train_loss": meter.last_loss}

@@ -98,6 +98,15 @@ class Ring:
             if incoming[-1] == 1:
                 return
 
+    def _tell(self, peer: int, message) -> bool:
+        """Send ``message`` to ``peer``; False, and the peer counted lost, if it is gone."""
+        try:
+            self.ctx.comm.send(message, peer)
+        except PeerError:
+            self.lose(peer)
+            return False
+        return True
+
     def exchange(self, weights, final: bool) -> list:
         """Send ``weights`` to the neighbours and take one message from each; their weights.
 
@@ -117,10 +126,7 @@ class Ring:
             for peer in to_hear:
                 self.mailbox(peer)  # listen before sending, so that two new neighbours meet
             for peer in to_send:
-                try:
-                    self.ctx.comm.send(message, peer)
-                except PeerError:
-                    self.lose(peer)
+                if not self._tell(peer, message):
                     continue
                 sent.add(peer)
                 if final:

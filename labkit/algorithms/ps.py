@@ -118,6 +118,25 @@ def staleness_summary(histogram: Counter) -> dict:
             "staleness_histogram": {str(s): histogram[s] for s in sorted(histogram)}}
 
 
+def train_worker(ctx: RankContext, start: int, fetch) -> tuple[TrainMeter, torch.Tensor]:
+    """A worker's steps in the parameter-server modes: forward and backward, a report and
+    the gradient to the master, then ``fetch(step, weights)`` fills in the new weights."""
+    model = ctx.model
+    grads = FlatGradients(model.parameters())
+    meter = TrainMeter(samples=start * ctx.batch_size)
+    weights = get_weights(model)
+    for step, epoch, x, y in worker_batches(ctx, start):
+        loss, correct = ctx.forward_backward(model, x, y)
+        with ctx.timers.time("comm"):
+            Report(step, epoch, loss, correct, len(y)).send(ctx.comm)
+            send_gradient(ctx, model, grads)
+        fetch(step, weights)
+        set_weights(model, weights)
+        meter.add(loss, correct, len(y))
+        end_step(ctx, step, epoch, meter, model)
+    return meter, weights
+
+
 def master_optimizer(ctx: RankContext):
     """The master's gradient buffer and optimizer, and the step it starts after (0, or the checkpoint's)."""
     grads = FlatGradients(ctx.model.parameters())
@@ -150,21 +169,12 @@ class ParameterServerSync(MasterWorkerMode):
         return {"model": model, "train_loss": meter.last_loss}
 
     def worker(self, ctx: RankContext) -> dict:
-        model = ctx.model
-        grads = FlatGradients(model.parameters())
-        start = restore(ctx, model, None)
-        meter = TrainMeter(samples=start * ctx.batch_size)
-        weights = get_weights(model)
-        for step, epoch, x, y in worker_batches(ctx, start):
-            loss, correct = ctx.forward_backward(model, x, y)
-            with ctx.timers.time("comm"):
-                Report(step, epoch, loss, correct, len(y)).send(ctx.comm)
-                send_gradient(ctx, model, grads)
+        def fetch(step, weights):
+            with ctx.timers.time("comm"):  # "the master broadcasts W to all machines"
                 ctx.comm.broadcast(weights, MASTER)
-            set_weights(model, weights)
-            meter.add(loss, correct, len(y))
-            end_step(ctx, step, epoch, meter, model)
-        return {"model": model, "train_loss": meter.last_loss}
+
+        meter, _ = train_worker(ctx, restore(ctx, ctx.model, None), fetch)
+        return {"model": ctx.model, "train_loss": meter.last_loss}
 
 
 # --- ps-async ---------------------------------------------------------------------------
@@ -254,21 +264,14 @@ class ParameterServerAsync(MasterWorkerMode):
         return PSAsyncMaster(ctx).run()
 
     def worker(self, ctx: RankContext) -> dict:
-        model = ctx.model
-        grads = FlatGradients(model.parameters())
-        restore(ctx, model, None)
-        start = (ctx.resume_state or {}).get("delivered", {}).get(ctx.rank, 0)
-        meter = TrainMeter(samples=start * ctx.batch_size)
-        weights = get_weights(model)
-        for step, epoch, x, y in worker_batches(ctx, start):
-            loss, correct = ctx.forward_backward(model, x, y)
+        def fetch(step, weights):
             with ctx.timers.time("comm"):  # "sending to master, and receiving W from master"
-                Report(step, epoch, loss, correct, len(y)).send(ctx.comm)
-                send_gradient(ctx, model, grads)
                 ctx.comm.recv(weights, MASTER)
-            set_weights(model, weights)
-            meter.add(loss, correct, len(y))
-            end_step(ctx, step, epoch, meter, model)
+
+        restore(ctx, ctx.model, None)
+        start = (ctx.resume_state or {}).get("delivered", {}).get(ctx.rank, 0)
+        meter, weights = train_worker(ctx, start, fetch)
+        model = ctx.model
         with ctx.timers.time("comm"):
             Report(FINISHED).send(ctx.comm)
         with ctx.timers.time("wait"):  # until the last worker is done too

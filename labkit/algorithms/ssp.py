@@ -22,19 +22,17 @@ from collections import Counter
 
 import torch
 
-from ..comm.buckets import FlatGradients
 from ..registry import SYNC_MODES
 from .base import RankContext, TrainMeter, checkpoint_state, end_step, restore
-from .master_worker import (
-    MASTER,
-    MasterWorkerMode,
-    Report,
-    get_weights,
-    needs_a_worker,
-    set_weights,
-    worker_batches,
+from .master_worker import MASTER, MasterWorkerMode, Report, get_weights, needs_a_worker
+from .ps import (
+    Gradient,
+    apply_mean,
+    master_optimizer,
+    recv_gradient,
+    staleness_summary,
+    train_worker,
 )
-from .ps import Gradient, apply_mean, master_optimizer, recv_gradient, send_gradient, staleness_summary
 
 
 def may_go_on(clock: int, slowest: int, staleness: int, last: int) -> bool:
@@ -110,24 +108,15 @@ class StaleSynchronous(MasterWorkerMode):
         return {"model": model, "train_loss": meter.last_loss, **summary}
 
     def worker(self, ctx: RankContext) -> dict:
-        model = ctx.model
-        grads = FlatGradients(model.parameters())
-        start = restore(ctx, model, None)
-        staleness_limit = self.staleness
-        meter = TrainMeter(samples=start * ctx.batch_size)
-        weights = get_weights(model)
         slowest = torch.zeros(1, dtype=torch.int64)
-        for step, epoch, x, y in worker_batches(ctx, start):
-            loss, correct = ctx.forward_backward(model, x, y)
+
+        def fetch(step, weights):
             with ctx.timers.time("comm"):
-                Report(step, epoch, loss, correct, len(y)).send(ctx.comm)
-                send_gradient(ctx, model, grads)
                 ctx.comm.recv(slowest, MASTER)
             # More than S clocks ahead of the slowest: wait for the stragglers.
-            timer = "comm" if may_go_on(step, int(slowest), staleness_limit, ctx.total_steps) else "wait"
+            timer = "comm" if may_go_on(step, int(slowest), self.staleness, ctx.total_steps) else "wait"
             with ctx.timers.time(timer):
                 ctx.comm.recv(weights, MASTER)
-            set_weights(model, weights)
-            meter.add(loss, correct, len(y))
-            end_step(ctx, step, epoch, meter, model)
-        return {"model": model, "train_loss": meter.last_loss}
+
+        meter, _ = train_worker(ctx, restore(ctx, ctx.model, None), fetch)
+        return {"model": ctx.model, "train_loss": meter.last_loss}

@@ -139,7 +139,7 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
     Every rank sends 2(N-1)/N of the tensor, as in the simple ring. Non-blocking calls
     need no send-first/receive-first ordering: nothing waits before everything is posted.
     """
-    n, rank = comm.size, comm.rank
+    n = comm.size
     if n == 1 or tensor.numel() == 0:
         return tensor
     flat = _flat(tensor)

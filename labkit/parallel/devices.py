@@ -89,6 +89,42 @@ def _set_vector(model, vector) -> None:
     torch.nn.utils.vector_to_parameters(vector, model.parameters())
 
 
+def _worker_gradients(clock, data, models, locals_, devices, batch: int, generator, autocast: bool):
+    """Steps 8-10 of Algorithm 3 on every worker: pick a batch, copy it, forward and backward."""
+    grads, loss = [], torch.zeros(())
+    for j, d in enumerate(devices):
+        idx = torch.randint(len(data.y_train), (batch,), generator=generator)  # 8: CPU picks b samples
+        x, y = data.x_train[idx], data.y_train[idx]
+        if d.type == "cuda":  # 9: CPU copies them to GPU_j
+            x_pin, y_pin = x.pin_memory(), y.pin_memory()
+            with clock.part("cpu_gpu_data", x.numel() * x.element_size() + y.numel() * y.element_size()):
+                x, y = x_pin.to(d, non_blocking=True), y_pin.to(d, non_blocking=True)
+        with clock.part("fwd_bwd"), bf16_autocast(d, autocast):  # 10
+            _set_vector(models[j], locals_[j])
+            models[j].zero_grad()
+            loss = F.cross_entropy(models[j](x), y)
+            loss.backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in models[j].parameters()]))
+    return grads, loss
+
+
+def _describe_parts(clock, n_gpu: int, variant: int, workers: int) -> dict:
+    """name -> {"label", "seconds", "bytes", "note"} of the 8 parts (seconds None where absent)."""
+    on_gpu, parts = n_gpu > 0, {}
+    for name, label in PARTS:
+        seconds, note = clock.seconds[name], ""
+        if not on_gpu and name in ("cpu_gpu_data", "cpu_gpu_params", "gpu_update"):
+            seconds, note = None, NO_GPU
+        elif not on_gpu and name == "gpu_gpu_params":
+            note = "no GPU: the broadcast and the sum are copies in host memory"
+        elif on_gpu and name == "cpu_gpu_params" and variant == 2:
+            note = "Sync EASGD2: the weights stay on the device"
+        elif on_gpu and name == "gpu_gpu_params" and n_gpu == 1:
+            note = f"one GPU: the {workers} workers share it, the copies stay in its memory"
+        parts[name] = {"label": label, "seconds": seconds, "bytes": clock.bytes[name], "note": note}
+    return parts
+
+
 def time_breakdown(variant: int = 2, workers: int = 2, steps: int = 30, batch: int = 64, lr: float = 0.05,
                    rho: float = 0.1, hidden=(256, 256), device: str = "auto", autocast: bool = False) -> dict:
     """Algorithm 3 (Sync EASGD1 or 2) on ``workers`` workers for ``steps`` steps, timed in
@@ -124,20 +160,7 @@ def time_breakdown(variant: int = 2, workers: int = 2, steps: int = 30, batch: i
     nbytes = w.numel() * w.element_size()
     loss = torch.zeros(())
     for _ in range(steps):
-        grads = []
-        for j, d in enumerate(devices):
-            idx = torch.randint(len(data.y_train), (batch,), generator=g)  # 8: CPU picks b samples
-            x, y = data.x_train[idx], data.y_train[idx]
-            if on_gpu:  # 9: CPU copies them to GPU_j
-                x_pin, y_pin = x.pin_memory(), y.pin_memory()
-                with clock.part("cpu_gpu_data", x.numel() * x.element_size() + y.numel() * y.element_size()):
-                    x, y = x_pin.to(d, non_blocking=True), y_pin.to(d, non_blocking=True)
-            with clock.part("fwd_bwd"), bf16_autocast(d, autocast):  # 10
-                _set_vector(models[j], locals_[j])
-                models[j].zero_grad()
-                loss = F.cross_entropy(models[j](x), y)
-                loss.backward()
-                grads.append(torch.cat([p.grad.reshape(-1) for p in models[j].parameters()]))
+        grads, loss = _worker_gradients(clock, data, models, locals_, devices, batch, g, autocast)
         # 11: GPU_1 broadcasts W̄ to all GPUs; 12: GPU_1 gets Σ_j W^j. With the center on the
         # CPU (variant 1) both cross between host and device instead.
         if variant == 2 or not on_gpu:
@@ -155,18 +178,7 @@ def time_breakdown(variant: int = 2, workers: int = 2, steps: int = 30, batch: i
         # 14: the center by equation (2): on the GPU (variant 2) or the CPU (variant 1)
         with clock.part("gpu_update" if (on_gpu and variant == 2) else "cpu_update"):
             center = center + lr * rho * (total - workers * center)
-    parts = {}
-    for name, label in PARTS:
-        seconds, note = clock.seconds[name], ""
-        if not on_gpu and name in ("cpu_gpu_data", "cpu_gpu_params", "gpu_update"):
-            seconds, note = None, NO_GPU
-        elif not on_gpu and name == "gpu_gpu_params":
-            note = "no GPU: the broadcast and the sum are copies in host memory"
-        elif on_gpu and name == "cpu_gpu_params" and variant == 2:
-            note = "Sync EASGD2: the weights stay on the device"
-        elif on_gpu and name == "gpu_gpu_params" and n_gpu == 1:
-            note = f"one GPU: the {workers} workers share it, the copies stay in its memory"
-        parts[name] = {"label": label, "seconds": seconds, "bytes": clock.bytes[name], "note": note}
+    parts = _describe_parts(clock, n_gpu, variant, workers)
     return {"variant": variant, "workers": workers, "steps": steps, "devices": [str(d) for d in devices],
             "device_note": device_note(devices[0]), "parts": parts, "final_loss": float(loss.detach()),
             "param_bytes_host_device_per_step": clock.bytes["cpu_gpu_params"] / steps}
