@@ -50,7 +50,6 @@ def config_from_args(args: argparse.Namespace) -> NasConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .latency import LatencyTableError
     from .search import run_search
 
     try:
@@ -61,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = run_search(config, progress=not args.quiet,
                              log=lambda line: print(line, file=sys.stderr))
-    except LatencyTableError as e:
-        print(f"labkit: error: --latency-table: {e}", file=sys.stderr)
+    except NasError as e:
+        print(f"labkit: error: {e}", file=sys.stderr)
         return 2
     print(f"labkit nas: architecture {' '.join(summary['architecture'])}; latency predicted "
           f"{summary['latency_predicted_ms']:.3f} ms, measured {summary['latency_measured_ms']:.3f} ms "

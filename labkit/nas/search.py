@@ -183,7 +183,19 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
     from ..models import parameter_count
     from ..runs import RunDir, default_run_dir
 
+    from .latency import LatencyTableError
+
     config.validate()
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, config.data_dir)
+    net = SuperNet(tuple(data.x_train.shape[1:]), data.num_classes)
+    table = None
+    if config.latency_table:  # untrusted: checked before anything is written
+        try:
+            table = load_table(config.latency_table)
+            LatencyModel(table, net)
+        except LatencyTableError as e:
+            raise NasError("--latency-table", str(e)) from None
     if config.run_dir is None:
         config = dataclasses.replace(config, run_dir=str(default_run_dir("supernet", "nas", 1)))
     run = RunDir(config.run_dir)
@@ -194,7 +206,7 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # more threads than free cores make small convolutions crawl
     try:
-        summary = _search(config, run, start, progress, log, load_dataset, parameter_count)
+        summary = _search(config, run, start, progress, log, data, net, table, parameter_count)
     except Exception as e:
         summary = {"status": "failed", "error": f"{type(e).__name__}: {e}", "wall_time_s": time.time() - start}
         run.write_summary(summary)
@@ -205,16 +217,10 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
     return summary
 
 
-def _search(config, run, start, progress, log, load_dataset, parameter_count) -> dict:
-    torch.manual_seed(config.seed)
-    data = load_dataset(config.dataset, config.data_dir)
+def _search(config, run, start, progress, log, data, net, table, parameter_count) -> dict:
     shape = tuple(data.x_train.shape[1:])
-    net = SuperNet(shape, data.num_classes)
-
-    # the latency table: this machine's, or the one handed in (untrusted: checked)
-    if config.latency_table:
-        table = load_table(config.latency_table)
-    else:
+    # the latency table: this machine's, or the one handed in (checked in run_search)
+    if table is None:
         table = measure_table(net, threads=config.threads)
         table["_file"] = str(save_table(table, run.path / "latency_table.json"))
     if config.latency_table:
