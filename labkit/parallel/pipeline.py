@@ -249,3 +249,59 @@ class PipelineParallel:
     def measured_bubble(self) -> float:
         """This rank's idle share of the last step (average it over the ranks)."""
         return self.timeline.idle_fraction()
+
+
+def execute_in_process(schedule: list[list[Action]], stages: list[nn.Module], x: torch.Tensor,
+                       y: torch.Tensor) -> dict:
+    """Run a schedule on real stages in one process, one action per rank per round, each
+    rank stopping at an action whose message has not arrived yet (a blocking receive).
+
+    The gradients land in the stages' ``.grad``, as with ``PipelineParallel``; returns the
+    mean loss, the order the actions ran in and the peak of stashed micro-batches per rank.
+    Raises ValueError when the schedule is not a valid one or deadlocks.
+    """
+    p = len(stages)
+    if len(schedule) != p:
+        raise ValueError(f"the schedule has {len(schedule)} ranks for {p} stages")
+    schedule = [[Action(*a) for a in actions] for actions in schedule]
+    m = sum(1 for a in schedule[0] if a.kind == "F")
+    check_schedule(schedule, m)
+    if len(x) % m:
+        raise ValueError(f"{m} micro-batches do not divide the batch of {len(x)}")
+    xs, ys = x.chunk(m), y.chunk(m)
+    activations, gradients = {}, {}  # messages in flight: (receiving stage, micro-batch) -> tensor
+    stash: list[dict] = [{} for _ in range(p)]
+    position, peak, order = [0] * p, [0] * p, []
+    loss = 0.0
+    while any(position[s] < len(schedule[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if position[s] == len(schedule[s]):
+                continue
+            kind, i = schedule[s][position[s]]
+            if kind == "F":
+                if s > 0 and (s, i) not in activations:
+                    continue
+                inp = xs[i] if s == 0 else activations.pop((s, i)).requires_grad_(True)
+                out = stages[s](inp)
+                if s == p - 1:
+                    out = stage_loss(out, ys[i], len(x))
+                    loss += float(out.detach())
+                else:
+                    activations[(s + 1, i)] = out.detach().clone()
+                stash[s][i] = (inp, out)
+                peak[s] = max(peak[s], len(stash[s]))
+            else:
+                if s < p - 1 and (s, i) not in gradients:
+                    continue
+                inp, out = stash[s].pop(i)
+                out.backward(None if s == p - 1 else gradients.pop((s, i)))
+                if s > 0:
+                    gradients[(s - 1, i)] = inp.grad
+            position[s] += 1
+            order.append((s, kind, i))
+            progressed = True
+        if not progressed:
+            stuck = {s: tuple(schedule[s][position[s]]) for s in range(p) if position[s] < len(schedule[s])}
+            raise ValueError(f"the schedule deadlocks: ranks wait at {stuck}")
+    return {"loss": loss, "order": order, "peak_stashed": peak}
