@@ -16,6 +16,7 @@ BENCHMARKS = {
     "conv": ("labkit.bench.conv", "convolution algorithms: work, depth, multiplications, time vs torch"),
     "microbatch": ("labkit.bench.microbatch", "micro-batch x algorithm per layer under a workspace budget"),
     "latency": ("labkit.bench.latency", "ProxylessNAS latency table of this machine: every candidate, batch 1, median"),
+    "parallel": ("labkit.bench.parallel", "every parallelism: step time, bubble vs formula, bytes, memory per rank"),
     "scaling": ("labkit.bench.scaling", "strong/weak scaling to a test accuracy, by the rules"),
 }
 

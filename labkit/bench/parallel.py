@@ -1,0 +1,194 @@
+"""``labkit bench parallel``: every parallelism on one model and one global batch.
+
+For data parallelism (naive, flat, bucketed, and torch DDP timed beside them in the same
+run), model, pipeline (GPipe and 1F1B), tensor and, with 4 or more ranks, hybrid grids:
+the median step time, the bubble (measured: the idle share of the step, averaged over the
+ranks; and the formula (p−1)/(m+p−1)), the bytes each rank sends per step and the bytes
+of parameters each rank holds. Then the Knights Landing core groups: one epoch of digits
+against the number of groups this machine's cores allow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def _cases(world: int, microbatches: int) -> dict:
+    out = {
+        "data naive": dict(kind="data", data_parallel="naive"),
+        "data flat": dict(kind="data", data_parallel="flat"),
+        "data bucketed": dict(kind="data", data_parallel="bucketed", bucket_mb=1.0),
+        "torch DDP": None,
+        "model": dict(kind="model"),
+        "pipeline gpipe": dict(kind="pipeline", microbatches=microbatches, schedule="gpipe"),
+        "pipeline 1f1b": dict(kind="pipeline", microbatches=microbatches, schedule="1f1b"),
+        "tensor": dict(kind="tensor"),
+    }
+    if world >= 4 and world % 2 == 0:
+        out["hybrid data x pipeline"] = dict(kind="hybrid", microbatches=microbatches)
+        out["hybrid data x tensor"] = dict(kind="hybrid", tensor_parallel_size=2)
+    return out
+
+
+def _comms(parallel) -> list:
+    grid = parallel.grid
+    seen, out = set(), []
+    for c in (grid.data_comm, grid.pipeline_comm, grid.tensor_comm):
+        if id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
+def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -> dict:
+    """Run on every rank (through ``spawn.run_ranks``): each case in turn, the same batches."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..parallel.build import ParallelModel
+    from ..parallel.reference import make_mlp
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, 1, 8, 8, generator=g) for _ in range(steps)]
+    ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
+    warmup = min(3, steps - 1)
+    results = {}
+    for name, settings in _cases(comm.size, microbatches).items():
+        model = make_mlp(hidden=hidden)
+        if settings is None:  # torch DDP on the same model and data
+            ddp = DistributedDataParallel(model, process_group=comm.group, bucket_cap_mb=1.0)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+            rows = slice(comm.rank * batch // comm.size, (comm.rank + 1) * batch // comm.size)
+            times = []
+            for x, y in zip(xs, ys):
+                comm.barrier()
+                t0 = time.perf_counter()
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x[rows]), y[rows]).backward()
+                optimizer.step()
+                times.append(time.perf_counter() - t0)
+            n, nbytes = comm.size, sum(p.numel() * p.element_size() for p in model.parameters())
+            results[name] = {"step_s": statistics.median(times[warmup:]), "grid": f"{n}x1x1",
+                             "bytes_per_step": 2 * (n - 1) * nbytes // n, "param_bytes": nbytes,
+                             "bubble": None, "bubble_model": None, "note": "bytes: the ring's 2(N-1)/N"}
+            continue
+        parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **settings)
+        optimizer = torch.optim.SGD(parallel.parameters(), lr=0.01)
+        times, bubbles, sent = [], [], 0
+        for step, (x, y) in enumerate(zip(xs, ys)):
+            comm.barrier()
+            before = sum(c.stats.bytes_sent for c in _comms(parallel))
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            parallel.forward_backward(x, y)
+            optimizer.step()
+            times.append(time.perf_counter() - t0)
+            if step >= warmup:
+                sent += sum(c.stats.bytes_sent for c in _comms(parallel)) - before
+                stats = parallel.pipeline_stats()
+                if stats:
+                    bubbles.append(stats["bubble_fraction"])
+        stats = parallel.pipeline_stats()
+        s = parallel.shape
+        results[name] = {"step_s": statistics.median(times[warmup:]), "grid": f"{s.data}x{s.pipeline}x{s.tensor}",
+                         "bytes_per_step": sent / (steps - warmup), "param_bytes": parallel.parameter_bytes(),
+                         "bubble": statistics.median(bubbles) if bubbles else None,
+                         "bubble_model": stats.get("bubble_fraction_model"),
+                         "stashed_peak": stats.get("stashed_peak"), "note": ""}
+    return results
+
+
+def combine(per_rank: list[dict]) -> list[dict]:
+    """One row per case: the slowest rank's step, the mean bubble, the most any rank sends
+    and holds."""
+    rows = []
+    for name in per_rank[0]:
+        cases = [r[name] for r in per_rank]
+        bubbles = [c["bubble"] for c in cases if c["bubble"] is not None]
+        rows.append({"parallelism": name, "grid": cases[0]["grid"],
+                     "step_ms": 1000 * max(c["step_s"] for c in cases),
+                     "bubble": statistics.mean(bubbles) if bubbles else None,
+                     "bubble_model": cases[0]["bubble_model"],
+                     "bytes_per_step_max": max(c["bytes_per_step"] for c in cases),
+                     "param_bytes_max": max(c["param_bytes"] for c in cases),
+                     "param_bytes_min": min(c["param_bytes"] for c in cases),
+                     "stashed_peak": [c.get("stashed_peak") for c in cases] if cases[0].get("stashed_peak") else None,
+                     "note": cases[0]["note"]})
+    return rows
+
+
+def core_group_table(max_groups: int, epochs: int) -> list[dict]:
+    from ..parallel.core_groups import available_cores, epoch_time
+    from ..parallel.spawn import run_ranks
+
+    cores = available_cores()
+    rows = []
+    for groups in range(1, min(max_groups, len(cores)) + 1):
+        results = run_ranks(epoch_time, groups, cores, 64, epochs, timeout=300)
+        rows.append({"groups": groups, "cores_per_group": [len(r["cores"]) for r in results],
+                     "epoch_s": max(r["seconds"] for r in results) / epochs,
+                     "final_loss": results[0]["loss"]})
+    return rows
+
+
+def _fmt(value, width: int) -> str:
+    return format("-" if value is None else format(value, ".2f"), f">{width}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="labkit bench parallel", description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--workers", type=int, default=2, help="ranks (default 2)")
+    parser.add_argument("--steps", type=int, default=15, help="steps per parallelism (the first 3 not timed)")
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--hidden", type=int, default=512, help="width of the MLP's 3 hidden layers")
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--core-groups", type=int, default=4, help="up to this many core groups (0: skip)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.workers < 2:
+        print("labkit: error: bench parallel: -n must be at least 2")
+        return 2
+    if args.batch % (args.workers * args.microbatches):
+        print(f"labkit: error: bench parallel: --batch {args.batch} must be divisible by "
+              f"workers x microbatches = {args.workers * args.microbatches}")
+        return 2
+    if args.steps < 4:
+        print("labkit: error: bench parallel: --steps must be at least 4")
+        return 2
+    from ..parallel.spawn import run_ranks
+
+    hidden = (args.hidden,) * 3
+    per_rank = run_ranks(bench_rank, args.workers, args.steps, args.batch, hidden, args.microbatches,
+                         timeout=600)
+    rows = combine(per_rank)
+    groups = core_group_table(args.core_groups, 1) if args.core_groups else []
+    ddp = next(r for r in rows if r["parallelism"] == "torch DDP")
+    bucketed = next(r for r in rows if r["parallelism"] == "data bucketed")
+    out = {"workers": args.workers, "batch": args.batch, "model": f"mlp {hidden}", "steps": args.steps,
+           "microbatches": args.microbatches, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
+           "rows": rows, "bucketed_over_ddp": bucketed["step_ms"] / ddp["step_ms"], "core_groups": groups}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.workers} ranks, global batch {args.batch}, MLP 64-{'-'.join(map(str, hidden))}-10, "
+          f"{args.microbatches} micro-batches, median of {args.steps - 3} steps (load average {out['load_average']:.1f})")
+    print(f"{'parallelism':<24} {'grid DxPxT':>10} {'step ms':>8} {'bubble':>7} {'(p-1)/(m+p-1)':>13} "
+          f"{'MiB sent/step':>13} {'param MiB/rank':>14}")
+    for r in rows:
+        params = f"{r['param_bytes_max'] / 2**20:.2f}"
+        if r["param_bytes_min"] != r["param_bytes_max"]:
+            params = f"{r['param_bytes_min'] / 2**20:.2f}-{params}"
+        print(f"{r['parallelism']:<24} {r['grid']:>10} {r['step_ms']:8.1f} {_fmt(r['bubble'], 7)} "
+              f"{_fmt(r['bubble_model'], 13)} {r['bytes_per_step_max'] / 2**20:13.2f} {params:>14}")
+    print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x")
+    if groups:
+        print("\ncore groups (Knights Landing divide and conquer), one epoch of digits:")
+        print(f"{'groups':>6} {'cores each':>12} {'epoch s':>8}")
+        for g in groups:
+            print(f"{g['groups']:>6} {str(g['cores_per_group']):>12} {g['epoch_s']:8.2f}")
+    return 0
