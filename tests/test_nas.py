@@ -15,6 +15,22 @@ from labkit.nas.supernet import CANDIDATES, MixedOp, SuperNet, activation_bytes
 from .conftest import run_cli
 
 
+def cli(*argv):
+    """``labkit ARGV`` in this process: (exit status, what it wrote to stderr)."""
+    import contextlib
+    import io
+
+    from labkit.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: more threads than free cores only add waiting."""
@@ -238,9 +254,9 @@ def test_table_for_another_network_names_the_missing_entry(tmp_path, table):
     (["--bogus", "1"], "unrecognized arguments"),
 ])
 def test_bad_options_are_one_line(tmp_path, args, message):
-    result = run_cli("nas", *args, "--run-dir", tmp_path / "run", timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    code, err = cli("nas", *args, "--run-dir", tmp_path / "run")
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("labkit: error: ") and message in lines[0], lines
     assert not (tmp_path / "run").exists()
 
