@@ -10,8 +10,23 @@ from labkit import memory
 from labkit.data import load_dataset
 from labkit.models import build_model
 from labkit.precision import (
-    FORMATS, KahanAccumulator, LNSFormat, LossScaler, accumulate, add, autocast, decode, div,
-    encode, kahan_sum, lns_matmul, mul, naive_sum, quantize, round_nearest, round_stochastic,
+    FORMATS,
+    KahanAccumulator,
+    LNSFormat,
+    LossScaler,
+    accumulate,
+    add,
+    autocast,
+    decode,
+    div,
+    encode,
+    kahan_sum,
+    lns_matmul,
+    mul,
+    naive_sum,
+    quantize,
+    round_nearest,
+    round_stochastic,
 )
 from labkit.precision.training import MODES, train_mlp
 
@@ -189,7 +204,7 @@ def test_loss_scaler_follows_torch_grad_scaler():
         x = torch.randn(8, 4)
         if step in (2, 7):
             x[0, 0] = float("inf")  # an overflow: the step is skipped and the scale halves
-        for model, optimizer in zip(models, optimizers):
+        for optimizer in optimizers:
             optimizer.zero_grad()
         ours.scale_loss(models[0](x).pow(2).mean()).backward()
         ours.step(optimizers[0])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import lns
-from .lns import LNSFormat, LNSTensor
+from .lns import LNSFormat
 
 MODES = ("normal", "lns_matmul", "lns_everywhere", "lns_everywhere_kahan")
 # The seed document's validation error rates (MNIST), as fractions.
