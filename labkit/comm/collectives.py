@@ -39,7 +39,7 @@ TREE_TAG = 102
 DOUBLING_TAG = 103
 PS_TAG = 104
 FAST_RING_TAG = 1000  # + 2 * segment + direction: one tag per message of a step
-SEGMENT_BYTES = 1 << 20
+SEGMENT_BYTES = 4 << 20  # as NCCL_BUFFSIZE: 4 MB
 MAX_SEGMENTS = 64  # per chunk: segments grow for larger chunks, so tags stay few
 
 
@@ -125,62 +125,109 @@ def ring_allreduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
 
 def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes: int = SEGMENT_BYTES,
                         bidirectional: bool = True) -> torch.Tensor:
-    """Ring allreduce as the libraries run it: both directions at once, in segments.
+    """Ring allreduce as the libraries run it: both directions at once, in pipelined segments.
 
-    The same 2(N-1) steps as :func:`ring_allreduce`, with two changes that the NCCL and
-    gloo ring implementations make (Patarasuk & Yuan's ring, pipelined):
+    The same 2(N-1) steps as :func:`ring_allreduce`, with the changes that the NCCL and
+    gloo rings make (Patarasuk & Yuan's ring, pipelined):
 
     - bidirectional: half of the tensor goes round the ring to the right, the other half
       to the left, so that every rank sends and receives on both sides at once;
-    - segmented: each chunk moves as segments of at most ``segment_bytes``, all posted at
-      once with ``isend``/``irecv``; the reduce of a segment that has arrived overlaps
-      the transfer of the next ones (at most ``MAX_SEGMENTS`` a chunk).
+    - segmented and pipelined: each chunk moves as segments of about ``segment_bytes``
+      (at most ``MAX_SEGMENTS`` a chunk) with ``isend``/``irecv``; a segment goes on to
+      the next step as soon as it has arrived and been added, while the later segments
+      of the same step are still on the wire.
 
-    Every rank sends 2(N-1)/N of the tensor, as in the simple ring. Non-blocking calls
-    need no send-first/receive-first ordering: nothing waits before everything is posted.
+    Every rank sends 2(N-1)/N of the tensor, as in the simple ring. Nothing blocks before
+    it is posted, so no send-first/receive-first ordering is needed.
     """
     n = comm.size
     if n == 1 or tensor.numel() == 0:
         return tensor
     flat = _flat(tensor)
     ways = 2 if bidirectional else 1
-    chunk = flat.numel() // (ways * n) + 1  # the longest chunk of either half
-    segment = max(1, segment_bytes // flat.element_size(), -(-chunk // MAX_SEGMENTS))
-    # (chunks of one half, direction): +1 sends to the right, -1 to the left
-    rings = [(part.tensor_split(n), direction) for part, direction in zip(flat.tensor_split(ways), (1, -1))]
-    scratch = flat.new_empty(ways * chunk)  # room for the incoming chunks
-    for step in range(n - 1):  # reduce-scatter
-        _ring_step(comm, rings, step, segment, scratch)
-    for step in range(n - 1):  # allgather: the finished chunks, straight into place
-        _ring_step(comm, rings, step, segment, None)
+    longest = flat.numel() // (ways * n) + 1
+    segments = min(MAX_SEGMENTS, max(1, -(-longest * flat.element_size() // segment_bytes)))
+    rings = [_Ring(comm, part, direction, segments) for part, direction in zip(flat.tensor_split(ways), (1, -1))]
+    for ring in rings:
+        ring.start()
+    for step in range(2 * (n - 1)):
+        for segment in range(segments):
+            for ring in rings:
+                ring.advance(step, segment)
+    for ring in rings:
+        ring.finish()
     return _finish(tensor, flat)
 
 
-def _ring_step(comm: Communicator, rings, step: int, segment: int, scratch) -> None:
-    """One step of both rings. With ``scratch``, a reduce-scatter step: the incoming
-    chunk arrives in ``scratch`` and is added to this rank's copy, segment by segment;
-    without, an allgather step: the incoming chunk arrives in its place."""
-    rank, n = comm.rank, comm.size
-    sends, receives, offset = [], [], 0
-    for ring, (chunks, direction) in enumerate(rings):
-        shift = 0 if scratch is not None else 1
-        outgoing = chunks[(rank - direction * (step - shift)) % n]
-        target = chunks[(rank - direction * (step + 1 - shift)) % n]
-        incoming = target if scratch is None else scratch[offset:offset + target.numel()]
-        offset += target.numel()
-        right, left = (rank + direction) % n, (rank - direction) % n
-        # an empty chunk is neither sent nor awaited (both sides know the sizes)
-        for k, piece in enumerate(outgoing.split(segment) if outgoing.numel() else ()):
-            sends.append(comm.isend(piece, right, FAST_RING_TAG + 2 * k + ring))
-        pieces = zip(incoming.split(segment), target.split(segment)) if target.numel() else ()
-        for k, (into, add_to) in enumerate(pieces):
-            receives.append((comm.irecv(into, left, FAST_RING_TAG + 2 * k + ring), into, add_to))
-    for request, into, add_to in receives:
-        request.wait()
-        if scratch is not None:
-            add_to.add_(into)
-    for request in sends:
-        request.wait()
+class _Ring:
+    """One direction of :func:`fast_ring_allreduce`: its chunks, segments and requests.
+
+    Step t < N-1 reduces (the incoming segment lands in a scratch buffer and is added to
+    this rank's chunk); step t >= N-1 gathers (the incoming segment lands in its place).
+    The chunk received at step t is the one sent at step t+1.
+    """
+
+    def __init__(self, comm: Communicator, part: torch.Tensor, direction: int, segments: int):
+        self.comm, self.direction, self.n = comm, direction, comm.size
+        self.chunks = [chunk.tensor_split(segments) for chunk in part.tensor_split(self.n)]
+        longest = max(len(piece) for chunk in self.chunks for piece in chunk)
+        self.scratch = [[part.new_empty(longest) for _ in range(segments)] for _ in range(2)]
+        self.right, self.left = (comm.rank + direction) % self.n, (comm.rank - direction) % self.n
+        self.tag = FAST_RING_TAG + (0 if direction == 1 else 1) * (2 * self.n * MAX_SEGMENTS)
+        self.sends: dict = {}
+        self.receives: dict = {}
+
+    def chunk(self, index: int) -> list[torch.Tensor]:
+        return self.chunks[index % self.n]
+
+    def sent_at(self, step: int) -> list[torch.Tensor]:
+        """The segments of the chunk sent at ``step``: chunk (rank - d step) mod N, in both
+        phases (in the gather phase it is the finished chunk)."""
+        return self.chunk(self.comm.rank - self.direction * step)
+
+    def received_at(self, step: int) -> list[torch.Tensor]:
+        return self.sent_at(step + 1)
+
+    def post_send(self, step: int, segment: int) -> None:
+        piece = self.sent_at(step)[segment]
+        if piece.numel():
+            self.sends[step, segment] = self.comm.isend(piece, self.right, self.tag + step * MAX_SEGMENTS + segment)
+
+    def post_receive(self, step: int, segment: int) -> None:
+        target = self.received_at(step)[segment]
+        if not target.numel():
+            return
+        if step < self.n - 1:
+            into = self.scratch[step % 2][segment][:target.numel()]
+        else:
+            into = target  # its earlier send (step - (N-1)) must be done before it is overwritten
+            earlier = self.sends.pop((step - (self.n - 1), segment), None)
+            if earlier is not None:
+                earlier.wait()
+        request = self.comm.irecv(into, self.left, self.tag + step * MAX_SEGMENTS + segment)
+        self.receives[step, segment] = (request, into, target)
+
+    def start(self) -> None:
+        for segment in range(len(self.chunks[0])):
+            self.post_receive(0, segment)
+            self.post_send(0, segment)
+
+    def advance(self, step: int, segment: int) -> None:
+        """Segment ``segment`` of ``step`` has arrived: add it, post the next receive into
+        the buffer it leaves free, and send it on."""
+        last = 2 * (self.n - 1) - 1
+        if (step, segment) in self.receives:
+            request, into, target = self.receives.pop((step, segment))
+            request.wait()
+            if step < self.n - 1:
+                target.add_(into)
+        if step < last:
+            self.post_receive(step + 1, segment)
+            self.post_send(step + 1, segment)
+
+    def finish(self) -> None:
+        for request in self.sends.values():
+            request.wait()
 
 
 # --- binary tree --------------------------------------------------------------------------

@@ -41,7 +41,12 @@ from .base import (
     available_compressors,
     make_compressor,
 )
-from .communicate import CompressedCommunicator, allreduce_compressed, recv_compressed, send_compressed
+from .communicate import (
+    CompressedCommunicator,
+    allreduce_compressed,
+    recv_compressed,
+    send_compressed,
+)
 
 __all__ = ["Compressor", "Packet", "ResidualMemory", "available_compressors", "make_compressor",
            "CompressedCommunicator", "allreduce_compressed", "send_compressed", "recv_compressed"]
