@@ -1,7 +1,7 @@
 """Run a function as N ranks from Python (a notebook cell, a benchmark), with a deadline.
 
-``run_ranks(fn, n, *args)`` starts N fresh processes (``spawn``), each with the
-environment ``labkit.comm.init()`` reads, calls ``fn(comm, *args)`` in each and returns
+``run_ranks(fn, n, *args, **kwargs)`` starts N fresh processes (``spawn``), each with the
+environment ``labkit.comm.init()`` reads, calls ``fn(comm, *args, **kwargs)`` in each and returns
 the N results in rank order. ``fn`` must be importable (defined in a module, not in a
 notebook cell). When a rank fails or the deadline passes, every rank is ended and the
 error names the rank.
@@ -18,7 +18,7 @@ import traceback
 from ..launch.base import free_port
 
 
-def _rank_main(fn, rank, world, port, backend, threads, results, args):
+def _rank_main(fn, rank, world, port, backend, threads, results, args, kwargs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LABKIT_BACKEND=backend)
     try:
@@ -28,19 +28,19 @@ def _rank_main(fn, rank, world, port, backend, threads, results, args):
         from .. import comm as comm_pkg
 
         comm = comm_pkg.init()
-        value = fn(comm, *args)
+        value = fn(comm, *args, **kwargs)
         results.put((rank, True, value))
         comm.close()
     except BaseException:
         results.put((rank, False, traceback.format_exc(limit=6)))
 
 
-def run_ranks(fn, n: int, *args, backend: str = "gloo", timeout: float = 120.0, threads: int = 1) -> list:
-    """``[fn(comm, *args) on rank 0, ..., on rank n-1]``; RuntimeError when a rank fails."""
+def run_ranks(fn, n: int, *args, backend: str = "gloo", timeout: float = 120.0, threads: int = 1, **kwargs) -> list:
+    """``[fn(comm, *args, **kwargs) on rank 0, ..., on rank n-1]``; RuntimeError when a rank fails."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, n, port, backend, threads, results, args), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, n, port, backend, threads, results, args, kwargs), daemon=True)
              for r in range(n)]
     for p in procs:
         p.start()
