@@ -97,7 +97,7 @@ def test_grid_shapes_and_their_errors():
         grid_shape(6, "hybrid", 4)
     with pytest.raises(ValueError, match="--tensor-parallel: 6 workers do not divide into 1 stages x 4"):
         grid_shape(6, "tensor", tensor_parallel=4)
-    with pytest.raises(ValueError, match="--parallelism hybrid"):
+    with pytest.raises(ValueError, match="--parallelism: hybrid with 2 workers"):
         grid_shape(2, "hybrid")
 
 

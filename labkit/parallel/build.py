@@ -11,6 +11,8 @@ model, and ``optimizer.step()`` on ``parameters()`` takes the same step.
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -88,12 +90,37 @@ class ParallelModel:
         """One forward and backward pass on the global batch ``x, y``: returns the mean loss
         of this rank's replica; the gradients are averaged over the data group."""
         rows = self.replica_rows(len(x))
-        x, y = x[rows], y[rows]
+        return self.forward_backward_replica(x[rows], y[rows])
+
+    def forward_backward_replica(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The same on this replica's share of the batch (every rank of the replica gives the same)."""
         if isinstance(self.inner, _Whole):
-            return self.sync.forward_backward(x, y)
+            loss = self.sync.forward_backward(x, y)
+            self.last_correct = self.sync.last_correct
+            return loss
         loss = self.inner.forward_backward(x, y)
+        self.last_correct = self.inner.last_correct
         self.sync.sync_gradients()
         return loss
+
+    def global_totals(self, replica_loss: float, correct: int) -> tuple[float, int]:
+        """(mean loss, correct samples) over the data replicas (one small allreduce)."""
+        value = torch.tensor([replica_loss, correct], dtype=torch.float64)
+        self.grid.data_comm.allreduce(value)
+        return float(value[0]) / self.shape.data, int(value[1])
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent over its data, pipeline and tensor groups."""
+        seen, total = set(), 0
+        for c in (self.grid.data_comm, self.grid.pipeline_comm, self.grid.tensor_comm):
+            if id(c) not in seen:
+                seen.add(id(c))
+                total += c.stats.bytes_sent
+        return total
+
+    def full_state(self) -> dict:
+        """The whole model's weights, put together from every rank's piece (call on every rank)."""
+        return gather_full_state(self.grid.comm, self.module)
 
     def global_loss(self, replica_loss: float) -> float:
         """The mean over the data replicas (one small allreduce)."""
@@ -119,3 +146,29 @@ class ParallelModel:
                 "stashed_peak": getattr(inner, "stashed_peak", 1),
                 "stashed_bytes_peak": getattr(inner, "stashed_bytes_peak", None),
                 "events": [e.as_dict() for e in inner.timeline.events], "span": inner.timeline.span}
+
+
+def gather_full_state(comm, module: nn.Module) -> dict:
+    """Every rank's parameters (by ``full_name``, with their shard) gathered to every rank and
+    put together into the whole model's state (``reference.assemble``). The pieces travel as
+    ``torch.save`` bytes and are read back with ``weights_only=True`` (tensors only)."""
+    from .reference import assemble
+
+    pieces = {"params": {p.full_name: (p.detach().cpu().clone(), getattr(p, "shard", None))
+                         for p in module.parameters()},
+              # batch-norm statistics differ between data replicas: the first rank's are kept
+              "buffers": {b.full_name: b.detach().cpu().clone() for b in module.buffers() if hasattr(b, "full_name")}}
+    buffer = io.BytesIO()
+    torch.save(pieces, buffer)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    sizes = comm.allgather(torch.tensor([data.numel()], dtype=torch.int64))
+    longest = int(max(int(n) for n in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    gathered = comm.allgather(padded)
+    states = [torch.load(io.BytesIO(g[:int(n)].numpy().tobytes()), weights_only=True)
+              for g, n in zip(gathered, sizes)]
+    full = assemble([state["params"] for state in states])
+    for state in reversed(states):
+        full.update(state["buffers"])
+    return full

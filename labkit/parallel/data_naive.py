@@ -41,8 +41,10 @@ class _DataParallel:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Loss on this rank's shard (its mean); leaves the averaged gradients in ``.grad``."""
-        loss = F.cross_entropy(self.module(x), y)
+        out = self.module(x)
+        loss = F.cross_entropy(out, y)
         loss.backward()
+        self.last_correct = int((out.argmax(1) == y).sum())
         self.sync_gradients()
         return float(loss.detach())
 

@@ -82,8 +82,9 @@ def grid_shape(workers: int, parallelism: str, pipeline_stages: int = 0, tensor_
     elif parallelism == "hybrid":
         if not pipeline_stages and not tensor_parallel:
             if workers % 2 or workers < 4:
-                raise ValueError(f"--parallelism hybrid: give --pipeline-stages or --tensor-parallel "
-                                 f"(the default 2 data x {workers // 2} pipeline needs an even number of 4 or more workers)")
+                raise ValueError(f"--parallelism: hybrid with {workers} workers needs --pipeline-stages or "
+                                 "--tensor-parallel (the default grid, 2 data x workers/2 stages, needs an even "
+                                 "number of at least 4 workers)")
             p, t = workers // 2, 1
         else:
             p, t = pipeline_stages or 1, tensor_parallel or 1

@@ -30,6 +30,8 @@ def name_parameters(model: nn.Module) -> nn.Module:
     piece of it on some rank can still say which weight it is."""
     for name, p in model.named_parameters():
         p.full_name = name
+    for name, b in model.named_buffers():  # batch-norm statistics travel with the weights
+        b.full_name = name
     return model
 
 
@@ -144,6 +146,7 @@ class ModelParallel:
         self.shapes = boundary_shapes(stages, input_shape)
         self.module = stages[self.stage_index]
         self.timeline = Timeline()
+        self.last_correct = 0  # correctly classified samples of the last batch
 
     def parameters(self):
         return self.module.parameters()
@@ -160,6 +163,7 @@ class ModelParallel:
         with record("forward", 0):
             out = self.module(x)
             loss = stage_loss(out, y, batch) if s == last else None
+        correct = int((out.argmax(1) == y).sum()) if s == last else 0
         if s < last:
             with record("send", 0):
                 self.comm.send(out.detach(), s + 1)
@@ -174,7 +178,8 @@ class ModelParallel:
         if s > 0:
             with record("send", 0):
                 self.comm.send(x.grad, s - 1)
-        value = torch.zeros(1) if loss is None else loss.detach().reshape(1).clone()
+        value = torch.tensor([0.0 if loss is None else float(loss.detach()), correct], dtype=torch.float64)
         self.comm.broadcast(value, last)
         self.timeline.stop()
-        return float(value)
+        self.last_correct = int(value[1])
+        return float(value[0])

@@ -184,6 +184,7 @@ class PipelineParallel:
         self.timeline = Timeline()
         self.stashed_peak = 0
         self.stashed_bytes_peak = 0
+        self.last_correct = 0  # correctly classified samples of the last batch
 
     def parameters(self):
         return self.module.parameters()
@@ -198,7 +199,7 @@ class PipelineParallel:
         stash: dict[int, tuple] = {}
         stash_bytes: dict[int, int] = {}
         sends = []
-        losses = torch.zeros(1, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64)  # loss, correct (on the last stage)
         self.timeline.start()
         self.stashed_peak = self.stashed_bytes_peak = 0
         for kind, i in self.actions:
@@ -214,8 +215,9 @@ class PipelineParallel:
                 with record("forward", i), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                     out = self.module(inp)
                     if s == last:
+                        totals[1] += int((out.argmax(1) == ys[i]).sum())
                         out = stage_loss(out, ys[i], batch)
-                        losses += out.detach().double()
+                        totals[0] += float(out.detach())
                 stash[i], stash_bytes[i] = (inp, out), saved.count
                 self.stashed_peak = max(self.stashed_peak, len(stash))
                 self.stashed_bytes_peak = max(self.stashed_bytes_peak, sum(stash_bytes.values()))
@@ -242,9 +244,10 @@ class PipelineParallel:
         for handle, _ in sends:  # the message stays referenced until its send is done
             handle.wait()
         if self.stages > 1:
-            comm.broadcast(losses, last)
+            comm.broadcast(totals, last)
         self.timeline.stop()
-        return float(losses)
+        self.last_correct = int(totals[1])
+        return float(totals[0])
 
     def measured_bubble(self) -> float:
         """This rank's idle share of the last step (average it over the ranks)."""

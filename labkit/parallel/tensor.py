@@ -197,6 +197,8 @@ class TensorParallel:
         return self.module.parameters()
 
     def forward_backward(self, x, y) -> float:
-        loss = F.cross_entropy(self.module(x), y)
+        out = self.module(x)
+        loss = F.cross_entropy(out, y)
         loss.backward()
+        self.last_correct = int((out.argmax(1) == y).sum())
         return float(loss.detach())
