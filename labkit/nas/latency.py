@@ -244,5 +244,33 @@ def measure_network(model: nn.Module, input_shape, device: str = "cpu", warmup: 
         torch.set_num_threads(old)
 
 
-__all__ = ["LatencyTableError", "LatencyModel", "measure_table", "save_table", "load_table", "check_table",
+def measure_with_parts(architecture: list[str], input_shape, num_classes: int, device: str = "cpu",
+                       warmup: int = 20, repeats: int = 200, threads: int | None = 1) -> tuple[float, float]:
+    """(whole network ms, sum of its parts ms), timed round robin in the same rounds.
+
+    The table is measured once, maybe under another load; timing the derived network and its own
+    table entries together separates the error of the additive latency model from the drift of
+    the machine.
+    """
+    from .supernet import default_layout
+
+    layout = default_layout(input_shape)
+    net = SuperNet(input_shape, num_classes)
+    child = ChildNet(input_shape, num_classes, architecture)
+    parts, shapes = [net.stem, net.head], [tuple(input_shape), _output_shape(net)]
+    for op, (cin, cout, stride), shape in zip(architecture, layout, net.block_inputs()):
+        if op != "zero":
+            parts.append(make_op(op, cin, cout, stride))
+            shapes.append(shape)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        ms = time_modules([child, *parts], [tuple(input_shape), *shapes], device, warmup, repeats)
+    finally:
+        torch.set_num_threads(old)
+    return ms[0], sum(ms[1:])
+
+
+__all__ = ["measure_with_parts", "LatencyTableError", "LatencyModel", "measure_table", "save_table", "load_table", "check_table",
            "measure_network", "machine_description", "ChildNet"]

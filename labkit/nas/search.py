@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .latency import LatencyModel, load_table, measure_network, measure_table, save_table
+from .latency import LatencyModel, load_table, measure_network, measure_table, measure_with_parts, save_table
 from .supernet import ChildNet, SuperNet
 
 LATENCY_FORMS = ("add", "mul")
@@ -214,7 +214,7 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
     finally:
         torch.set_num_threads(threads)
     run.write_summary(summary)
-    return summary
+    return {**summary, "run_dir": str(run.path)}
 
 
 def _search(config, run, start, progress, log, data, net, table, parameter_count) -> dict:
@@ -274,7 +274,7 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
             if step % 5 == 0:
                 run.append_metrics({
                     "t": time.time() - start, "kind": "train", "rank": 0, "step": step, "epoch": epoch,
-                    "loss": float(ce), "arch_loss": None if arch_loss is None else float(arch_loss),
+                    "loss": float(ce.detach()), "arch_loss": None if arch_loss is None else float(arch_loss.detach()),
                     "expected_latency_ms": float(latency.expected(net).detach()),
                     "probs": [[round(float(p), 5) for p in b.probs()] for b in net.blocks]})
         sched.step()
@@ -296,11 +296,15 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
                             "epoch": e, "loss": loss}))
     test_acc, test_loss = evaluate(child, data.x_test, data.y_test)
     measured = measure_network(child, shape, threads=config.threads)
+    whole, parts = measure_with_parts(architecture, shape, data.num_classes, threads=config.threads)
     return {
         "status": "completed", "architecture": architecture, "candidates": [list(b.candidates) for b in net.blocks],
         "probs": [[float(p) for p in b.probs()] for b in net.blocks],
         "latency_predicted_ms": predicted, "latency_measured_ms": measured,
         "latency_error": abs(predicted - measured) / measured,
+        # the network and its own table entries timed in the same rounds: the additive model's error alone
+        "latency_measured_interleaved_ms": whole, "latency_parts_interleaved_ms": parts,
+        "latency_model_error": abs(parts - whole) / whole,
         "test_accuracy": test_acc, "test_loss": test_loss, "parameters": parameter_count(child),
         "latency_weight": config.latency_weight, "latency_form": config.latency_form,
         "steps": step, "wall_time_s": time.time() - start, "latency_table": str(run.path / "latency_table.json"),

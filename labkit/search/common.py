@@ -64,6 +64,6 @@ class SearchRun:
         self.run.append_metrics({"t": time.time() - self.start, "kind": "event", "event": event, "rank": 0, **fields})
 
     def finish(self, summary: dict) -> dict:
-        summary = {"status": "completed", "wall_time_s": time.time() - self.start, **summary}
+        summary = {"status": "completed", "wall_time_s": time.time() - self.start, "run_dir": str(self.path), **summary}
         self.run.write_summary(summary)
         return summary

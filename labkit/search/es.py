@@ -283,7 +283,7 @@ def run_es(config: EsConfig, progress: bool = False) -> dict:
                    "error": f"labkit launch ended with status {proc.returncode}: "
                             f"{lines[-1] if lines else 'no output'} (see {run.log_dir / 'launcher.log'})"}
         run.write_summary(summary)
-    return summary
+    return {**summary, "run_dir": str(run.path)}
 
 
 def _end(proc: subprocess.Popen) -> None:
