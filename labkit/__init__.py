@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-# Filling the registries: every model, dataset, backend, sync mode, compressor and
+# Filling the registries: every model, dataset, backend, sync mode, compressor, optimizer and
 # launcher is registered when its module is imported, before anything lists choices.
 from . import (  # noqa: E402,F401
     algorithms,  # noqa: E402,F401
@@ -15,6 +15,7 @@ from . import (  # noqa: E402,F401
     compress,  # noqa: E402,F401
     data,
     models,
+    optim,
     parallel,
 )
 from . import launch as _launch_pkg  # noqa: E402

@@ -22,9 +22,7 @@ import math
 
 import torch
 
-from .registry import Registry
-
-OPTIMIZERS = Registry("optimizer", "--optimizer")
+from .registry import OPTIMIZERS
 
 
 def _check(name: str, value, low: float, high: float | None = None, *, open_low: bool = False,
@@ -250,6 +248,12 @@ class Adam(_TableOptimizer):
         first_hat = first / (1 - beta1**t)
         second_hat = second / (1 - beta2**t)
         p.addcdiv_(first_hat, second_hat.sqrt_().add_(group["eps"]), value=-group["lr"])
+
+
+# The library's own optimizer, registered beside the teaching ones: the default of a run
+# (``--optimizer torch-sgd`` with ``--momentum``), so that runs compare against torch itself.
+OPTIMIZERS.register("torch-sgd", torch.optim.SGD,
+                    help="torch.optim.SGD with --momentum and --weight-decay (the library's own)")
 
 
 def available_optimizers() -> list[str]:

@@ -159,7 +159,8 @@ def test_adam_bias_correction_is_the_only_difference_from_the_table():
 
 
 def test_registry_and_settings():
-    assert available_names() == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
+    assert available_names()[:6] == ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
+    assert "torch-sgd" in available_names()  # the library's own, the default of a run
     p = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(optim.make_optimizer("adam", p, lr=0.1, betas=(0.5, 0.5)), optim.Adam)
     assert optim.settings_for("adam", lr=0.1, momentum=0.9, weight_decay=0.0) == {"lr": 0.1, "weight_decay": 0.0}
@@ -204,3 +205,35 @@ def test_each_optimizer_trains_an_mlp_on_digits(name, lr, one_thread):
         accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
     assert accuracy >= 0.93, f"{name}: {accuracy:.3f}"
     assert np.isfinite(accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync, name, lr", [("allreduce", "adam", 0.003), ("ps-sync", "nesterov", 0.05)])
+def test_optimizer_option_trains_every_kind_of_mode(sync, name, lr, tmp_path):
+    """``--optimizer`` reaches the workers (allreduce) and the master (ps-sync)."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "labkit.cli", "train", "--workers", "2", "--sync", sync,
+                           "--optimizer", name, "--lr", str(lr), "--steps", "120", "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert config["config"]["optimizer"] == name
+    assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.9, summary
+
+
+def test_bad_optimizer_option_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "labkit.cli", "train", "--optimizer", "lbfgs",
+                           "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "labkit: error: --optimizer: unknown optimizer 'lbfgs'; choose one of "
+        "sgd, momentum, nesterov, adagrad, rmsprop, adam, torch-sgd"]
+    assert not (tmp_path / "r").exists()
