@@ -15,6 +15,8 @@ lines of several ranks never interleave.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -27,14 +29,45 @@ import torch
 KEEP_CHECKPOINTS = 2
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded (cut short, altered, foreign), or none at all."""
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a temporary file beside ``path``, on disk; nothing is left if it fails."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` at once: the old file or the new one, never half of one,
+    and no temporary file left behind when the write fails (full disk, vanished directory)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -163,16 +196,33 @@ class RunDir:
         return self.checkpoint_dir / f"step-{step:08d}.pt"
 
     def save_checkpoint(self, step: int, state: dict) -> Path:
-        """Write ``state`` for ``step`` atomically and keep the newest few checkpoints."""
-        import io
+        """Write ``state`` for ``step`` with its checksum and keep the newest few checkpoints.
 
+        The payload and its checksum file (``step-N.pt.sha256``: SHA-256 and size) are both
+        written to temporary files first and then renamed, the checksum first: a crash at
+        any moment leaves either no new checkpoint, or one whose checksum says whether it
+        is whole. The previous checkpoints are only pruned once the new one is in place.
+        """
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({"step": step, **state}, buf)
+        data = buf.getvalue()
         path = self.checkpoint_path(step)
-        atomic_write_bytes(path, buf.getvalue())
+        side = checksum_path(path)
+        tmp_data = _write_temp(path, data)
+        tmp_side = None
+        try:
+            tmp_side = _write_temp(side, f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode())
+            os.replace(tmp_side, side)
+            os.replace(tmp_data, path)
+        except BaseException:
+            _unlink_quietly(tmp_data)
+            if tmp_side is not None:
+                _unlink_quietly(tmp_side)
+            raise
         for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
         return path
 
     def checkpoints(self) -> list[Path]:
@@ -184,14 +234,90 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def verify_checkpoint(self, path: Path) -> tuple[dict | None, str | None]:
+        """(state, None) for a whole checkpoint written by labkit, else (None, why not).
+
+        The file is compared with its checksum before it is unpickled, and unpickled with
+        ``weights_only=True``: tensors, numbers, strings and containers only, no code.
+        """
+        path = Path(path)
+        side = checksum_path(path)
+        try:
+            expected = side.read_text().split()
+            digest, size = expected[0], int(expected[1])
+        except FileNotFoundError:
+            return None, "has no checksum file (not written by labkit, or its write was cut short)"
+        except (OSError, ValueError, IndexError, UnicodeDecodeError):
+            return None, f"has an unreadable checksum file {side.name}"
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return None, f"cannot be read ({e.strerror or e})"
+        if len(data) != size:
+            what = "is truncated" if len(data) < size else "has bytes added"
+            return None, f"{what} ({len(data)} bytes, its checksum says {size})"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None, "does not match its checksum (altered after it was written)"
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+            return None, f"is not a labkit checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        expected_step = _step_of(path)
+        if not isinstance(state, dict) or state.get("step") != expected_step:
+            return None, f"is not a labkit checkpoint of step {expected_step}"
+        return state, None
+
+    def find_good_checkpoint(self) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+        """(path, state) of the newest intact checkpoint, and the (path, why) of each newer
+        one that is not intact."""
+        rejected = []
+        for path in reversed(self.checkpoints()):
+            state, why = self.verify_checkpoint(path)
+            if state is not None:
+                return path, state, rejected
+            rejected.append((path, why))
+        return None, None, rejected
+
+    def set_aside(self, path: Path) -> Path:
+        """Move a checkpoint that must not be loaded (and its checksum) to ``checkpoints/rejected/``."""
+        where = self.checkpoint_dir / "rejected"
+        where.mkdir(exist_ok=True)
+        target = where / path.name
+        os.replace(path, target)
+        side = checksum_path(path)
+        if side.exists():
+            os.replace(side, where / side.name)
+        return target
+
     def load_checkpoint(self, path: Path | None = None) -> dict:
-        path = path or self.latest_checkpoint()
-        if path is None:
-            raise FileNotFoundError(f"{self.checkpoint_dir}: no checkpoint")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """The state of checkpoint ``path``, or of the newest intact one; raises
+        :class:`CheckpointError` rather than load a file that fails its checksum."""
+        if path is not None:
+            state, why = self.verify_checkpoint(path)
+            if state is None:
+                raise CheckpointError(f"{path} {why}")
+            return state
+        found, state, rejected = self.find_good_checkpoint()
+        if found is None:
+            why = "; ".join(f"{p.name} {w}" for p, w in rejected)
+            raise CheckpointError(f"{self.checkpoint_dir}: no intact checkpoint" + (f" ({why})" if why else ""))
+        return state
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, status={self.status})"
+
+
+def checksum_path(path: Path) -> Path:
+    """The checksum file of checkpoint ``path``: ``step-N.pt.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(Path(path).stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 class MetricsTail:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
 from ..registry import LAUNCHERS, SYNC_MODES
 from ..runs import MetricsTail, RunDir, default_run_dir
 from .base import signal_name
@@ -253,7 +255,18 @@ def prepare_run_dir(config) -> tuple[object, RunDir]:
         config = config.replace(run_dir=str(default_run_dir(config.model, config.sync, config.workers)))
     run = RunDir(config.run_dir)
     if config.resume:
-        ckpt = run.load_checkpoint()
+        found, ckpt, rejected = run.find_good_checkpoint()
+        if found is None:
+            why = "; ".join(f"{p.name} {w}" for p, w in rejected)
+            raise ConfigError("--resume", f"{run.path} has no intact checkpoint to resume from"
+                                          + (f" ({why})" if why else ""))
+        # every check has passed: only now is anything on disk changed
+        for path, why in rejected:
+            run.set_aside(path)
+        if rejected:
+            print(f"labkit: resume: {'; '.join(f'{p.name} {w}' for p, w in rejected)}; moved to "
+                  f"{run.checkpoint_dir / 'rejected'}; resuming from {found.name} (step {int(ckpt['step'])})",
+                  file=sys.stderr, flush=True)
         run.truncate_metrics_after(int(ckpt["step"]))
         kept = run.metrics()
         t_done = max((r.get("t", 0) for r in kept), default=0.0)
