@@ -276,7 +276,7 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
                     "t": time.time() - start, "kind": "train", "rank": 0, "step": step, "epoch": epoch,
                     "loss": float(ce.detach()), "arch_loss": None if arch_loss is None else float(arch_loss.detach()),
                     "expected_latency_ms": float(latency.expected(net).detach()),
-                    "probs": [[round(float(p), 5) for p in b.probs()] for b in net.blocks]})
+                    "probs": [[round(float(p), 5) for p in b.probs().detach()] for b in net.blocks]})
         sched.step()
         net.set_mode("weights")
         acc, val_loss = evaluate(net, data.x_train[a_idx], data.y_train[a_idx])
