@@ -54,6 +54,24 @@ class RunConfig:
     device: str = field(default="cpu", metadata=_opt(
         "where each rank computes (auto: cuda when available)", choices=("cpu", "cuda", "auto"), group="parallel"))
     parallelism: str = field(default="data", metadata=_opt("how the work is split", reg.PARALLELISMS, group="parallel"))
+    # settings of particular parallelisms (ignored by the others); a parallelism declares the
+    # ones it takes when it is registered (``settings=``), and the panel shows it those
+    data_parallel: str = field(default="flat", metadata=_opt(
+        "data: how the gradients are averaged: one allreduce per parameter (naive), one flat buffer "
+        "(flat, the sync mode's way) or buckets allreduced while backward runs (bucketed, as torch DDP)",
+        choices=("naive", "flat", "bucketed"), group="parallel"))
+    bucket_mb: float = field(default=25.0, metadata=_opt(
+        "data --data-parallel bucketed: size of a gradient bucket in MiB", group="parallel", metavar="MIB"))
+    pipeline_stages: int = field(default=0, metadata=_opt(
+        "model, pipeline, hybrid: pipeline stages (0: model and pipeline use every worker; hybrid: "
+        "2 data x workers/2 stages unless --tensor-parallel is given)", group="parallel", metavar="P"))
+    microbatches: int = field(default=4, metadata=_opt(
+        "pipeline, hybrid: micro-batches each batch is cut into", group="parallel", metavar="M"))
+    schedule: str = field(default="1f1b", metadata=_opt(
+        "pipeline, hybrid: the pipeline schedule", choices=("gpipe", "1f1b"), group="parallel"))
+    tensor_parallel: int = field(default=0, metadata=_opt(
+        "tensor, hybrid: ranks that split every layer (0: tensor uses every worker, hybrid none)",
+        group="parallel", metavar="T"))
     sync: str = field(default="allreduce", metadata=_opt("how the ranks keep their weights in step", reg.SYNC_MODES, group="parallel"))
     # settings of particular sync modes (ignored by the others); a mode declares the ones it
     # takes when it is registered (``settings=``), and the panel shows it those
@@ -222,9 +240,9 @@ class RunConfig:
         self._validate_placement()
         self._validate_data()
         self._validate_run_dir()
-        sync_check = reg.SYNC_MODES.entry(self.sync).meta.get("validate")
-        if sync_check is not None:
-            problem = sync_check(**self.values_for(sync_check))
+        for registry, choice in ((reg.SYNC_MODES, self.sync), (reg.PARALLELISMS, self.parallelism)):
+            check = registry.entry(choice).meta.get("validate")
+            problem = check(**self.values_for(check)) if check is not None else None
             if problem:
                 raise ConfigError(*problem)
         return self

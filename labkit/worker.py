@@ -25,7 +25,8 @@ from .compress import CompressedCommunicator, make_compressor
 from .config import RunConfig
 from .data import load_dataset
 from .models import build_model, describe
-from .registry import SYNC_MODES
+from .parallel import uses_sync_mode
+from .registry import PARALLELISMS, SYNC_MODES
 from .runs import RunDir
 
 
@@ -133,7 +134,11 @@ def run_rank(run_dir: str) -> int:
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
         if comm.rank == 0:
             print(describe(ctx.model, ctx.data.input_shape), flush=True)
-        results = SYNC_MODES.get(config.sync)(**config.mode_settings()).run(ctx)
+        if uses_sync_mode(config.parallelism, config.data_parallel):
+            results = SYNC_MODES.get(config.sync)(**config.mode_settings()).run(ctx)
+        else:  # a split model (or data parallelism done the naive or the bucketed way)
+            parallelism = PARALLELISMS.get(config.parallelism)
+            results = parallelism(**config.values_for(parallelism)).run(ctx)
         ctx.event("finished")
         if not survives:
             comm.barrier()  # a mode that survives lost workers ends in step by itself

@@ -1,5 +1,87 @@
-"""Ways to split the work of training across ranks."""
+"""Ways to split the work of training across ranks (see docs/parallelism.md).
+
+Each parallelism is registered in ``PARALLELISMS`` with the RunConfig settings it takes
+(the panel shows only those) and a check of the combination, which ``RunConfig.validate()``
+runs (one line naming the option at fault, exit 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+from functools import partial
 
 from ..registry import PARALLELISMS
 
-PARALLELISMS.register("data", "data", help="data parallelism: every rank holds the whole model and a shard of the data")
+SETTINGS = {
+    "data": ("data_parallel", "bucket_mb"),
+    "model": ("pipeline_stages",),
+    "pipeline": ("pipeline_stages", "microbatches", "schedule"),
+    "tensor": ("tensor_parallel",),
+    "hybrid": ("pipeline_stages", "tensor_parallel", "microbatches", "schedule"),
+}
+HELP = {
+    "data": "data parallelism: every rank holds the whole model and a shard of the data",
+    "model": "model (layer) parallelism: the layers split over the ranks, one mini-batch at a time",
+    "pipeline": "pipeline parallelism: the layer split fed with micro-batches (GPipe or 1F1B)",
+    "tensor": "tensor parallelism (Megatron): every layer's weights split over the ranks",
+    "hybrid": "a data x pipeline x tensor grid (--pipeline-stages, --tensor-parallel)",
+}
+# a model's input shape per dataset, to count its layers without loading the data
+_INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (1, 16, 16)}
+
+
+def uses_sync_mode(parallelism: str, data_parallel: str) -> bool:
+    """Whether the run is plain data parallelism trained by the sync mode (``--sync``), with
+    gradients in one flat buffer; every other choice is trained by ``training.ParallelRun``."""
+    return parallelism == "data" and data_parallel == "flat"
+
+
+def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel, microbatches, batch_size,
+          sync, compression, data_parallel, bucket_mb, resume):
+    """(option, problem) for a combination that cannot work, else None."""
+    from ..models import build_model
+    from .grid import grid_shape
+    from .model import count_layers
+
+    if microbatches < 1:
+        return "--microbatches", f"must be at least 1, got {microbatches}"
+    if bucket_mb <= 0:
+        return "--bucket-mb", f"must be > 0, got {bucket_mb}"
+    if parallelism == "data":
+        if pipeline_stages or tensor_parallel:
+            option = "--pipeline-stages" if pipeline_stages else "--tensor-parallel"
+            return option, "splits the model: use --parallelism pipeline, tensor or hybrid"
+        if uses_sync_mode(parallelism, data_parallel):
+            return None
+        if sync != "allreduce":
+            return "--data-parallel", f"{data_parallel} averages the gradients itself: use it with --sync allreduce"
+    elif sync != "allreduce":
+        return "--sync", (f"{sync} cannot combine with --parallelism {parallelism}: a split model averages "
+                          "its gradients over the data group with allreduce (--sync allreduce)")
+    if compression != "none":
+        return "--compression", (f"{compression}: gradient compression runs in the sync mode, with "
+                                 "--parallelism data --data-parallel flat")
+    if resume:
+        return "--resume", f"not available with --parallelism {parallelism} --data-parallel {data_parallel}"
+    shape = _INPUT_SHAPES.get(dataset, (1, 8, 8))
+    try:
+        layers = count_layers(build_model(model, shape, 10))
+        grid = grid_shape(workers, parallelism, pipeline_stages, tensor_parallel, layers=layers)
+    except ValueError as error:
+        option, _, message = str(error).partition(": ")
+        return (option, message) if option.startswith("--") else ("--parallelism", str(error))
+    if grid.pipeline > 1 and data_parallel == "bucketed":
+        return "--data-parallel", "bucketed: the micro-batches of a pipeline add up in the same buckets; use flat"
+    if grid.pipeline > 1 and parallelism != "model" and batch_size % microbatches:
+        return "--microbatches", f"{microbatches} does not divide --batch-size {batch_size}"
+    return None
+
+
+def _register():
+    from .training import ParallelRun
+
+    for name in SETTINGS:
+        PARALLELISMS.register(name, partial(ParallelRun, name), help=HELP[name], settings=SETTINGS[name],
+                              validate=check)
+
+
+_register()

@@ -39,6 +39,8 @@ class ParallelRun:
         if not ctx.fixed_steps:  # --epochs: count the epochs over D replicas, not over all workers
             epochs = max(1, ctx.total_steps // batches_per_epoch(n, ctx.world, ctx.batch_size))
             ctx.total_steps = epochs * batches_per_epoch(n, shape.data, ctx.batch_size)
+            if ctx.rank == 0:  # the progress bar and the panel count to it
+                ctx.event("total_steps", steps=ctx.total_steps)
         optimizer = ctx.make_optimizer(list(parallel.parameters()))
         counts = grid.stage == 0 and grid.tensor_index == 0  # one rank per replica counts its samples
         meter = TrainMeter()

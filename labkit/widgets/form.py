@@ -5,8 +5,8 @@ modes or the compressors, or a fixed set such as ``--easgd-variant``) becomes a 
 of exactly those names; a yes/no field becomes a checkbox; every other field becomes a
 text box whose text goes through ``RunConfig.parse_value``, the parser the command line
 uses, so a typo gets the same message in both places. The compressor's parameters are
-rebuilt from its registered defaults whenever the compressor changes, and a sync mode's
-settings are those it declared at registration (``settings=``).
+rebuilt from its registered defaults whenever the compressor changes, and the settings shown
+for a sync mode or a parallelism are those it declared at registration (``settings=``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROWS = (
     ("lr", "batch_size", "steps"),
 )
 # Fields whose choices come from a registry: their selected entry's help is shown.
-DESCRIBED = {"sync": reg.SYNC_MODES, "compression": reg.COMPRESSORS}
+DESCRIBED = {"parallelism": reg.PARALLELISMS, "sync": reg.SYNC_MODES, "compression": reg.COMPRESSORS}
 
 _STYLE = {"description_width": "initial"}
 
@@ -59,6 +59,14 @@ def applies_to(sync: str, name: str) -> bool:
     return name in reg.SYNC_MODES.entry(sync).meta.get("settings", ())
 
 
+def parallelism_settings() -> list[str]:
+    """Every setting some parallelism declared, in the order they were declared."""
+    names: list[str] = []
+    for entry in reg.PARALLELISMS.entries():
+        names += [n for n in entry.meta.get("settings", ()) if n not in names]
+    return names
+
+
 class ConfigForm:
     """The panel's controls. ``config()`` turns them into a validated RunConfig."""
 
@@ -69,18 +77,22 @@ class ConfigForm:
                         for row in ROWS for name in row}
         self.sync_settings = {f["name"]: field_widget(f, getattr(base, f["name"]))
                               for f in self.info.values() if f["group"] == "sync"}
+        self.parallel_settings = {name: field_widget(self.info[name], getattr(base, name))
+                                  for name in parallelism_settings()}
         self.param_widgets: dict[str, w.Widget] = {}
         self.params_box = w.HBox()
         self.settings_box = w.HBox()
+        self.parallel_box = w.HBox()
         self.description = w.HTML()
         self._listeners = []
-        for widget in [*self.widgets.values(), *self.sync_settings.values()]:
+        for widget in [*self.widgets.values(), *self.sync_settings.values(), *self.parallel_settings.values()]:
             widget.observe(self._changed, names="value")
         self._build_params(base.compression_params)
         self._show_sync_settings()
+        self._show_parallel_settings()
         self._describe()
         parallel, compression, *rest = (w.HBox([self.widgets[name] for name in row]) for row in ROWS)
-        self.box = w.VBox([parallel, self.settings_box, compression, self.params_box, *rest,
+        self.box = w.VBox([parallel, self.parallel_box, self.settings_box, compression, self.params_box, *rest,
                            self.description])
 
     # --- events ----------------------------------------------------------------------------
@@ -93,6 +105,8 @@ class ConfigForm:
             self._build_params({})
         if change["owner"] is self.widgets["sync"]:
             self._show_sync_settings()
+        if change["owner"] is self.widgets["parallelism"]:
+            self._show_parallel_settings()
         self._describe()
         for callback in self._listeners:
             callback()
@@ -114,6 +128,10 @@ class ConfigForm:
         sync = self.widgets["sync"].value
         self.settings_box.children = [widget for name, widget in self.sync_settings.items()
                                       if applies_to(sync, name)]
+
+    def _show_parallel_settings(self) -> None:
+        declared = reg.PARALLELISMS.entry(self.widgets["parallelism"].value).meta.get("settings", ())
+        self.parallel_box.children = [widget for name, widget in self.parallel_settings.items() if name in declared]
 
     def _describe(self) -> None:
         lines = []
@@ -137,6 +155,8 @@ class ConfigForm:
         values = {name: widget_value(name, widget) for name, widget in self.widgets.items()}
         values.update({name: widget_value(name, widget) for name, widget in self.sync_settings.items()
                        if widget in self.settings_box.children})
+        values.update({name: widget_value(name, widget) for name, widget in self.parallel_settings.items()
+                       if widget in self.parallel_box.children})
         values["compression_params"] = self.compression_params()
         if values["steps"] is not None:
             values["epochs"] = None  # the panel counts in steps
