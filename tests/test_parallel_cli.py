@@ -65,3 +65,23 @@ def test_a_bad_grid_is_one_line_and_exit_2(tmp_path, options, line):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), lines
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_panel_shows_only_the_chosen_parallelisms_settings():
+    from labkit import RunConfig
+    from labkit.widgets.form import ConfigForm
+
+    form = ConfigForm(RunConfig(workers=2))
+    shown = {"data": ["data parallel", "bucket mb"], "model": ["pipeline stages"],
+             "pipeline": ["pipeline stages", "microbatches", "schedule"], "tensor": ["tensor parallel"],
+             "hybrid": ["pipeline stages", "microbatches", "schedule", "tensor parallel"]}
+    for parallelism, labels in shown.items():
+        form.widgets["parallelism"].value = parallelism
+        assert [c.description for c in form.parallel_box.children] == labels, parallelism
+    form.widgets["parallelism"].value = "pipeline"
+    form.parallel_settings["schedule"].value = "gpipe"
+    form.parallel_settings["microbatches"].value = "8"
+    config = form.config()
+    assert (config.parallelism, config.schedule, config.microbatches) == ("pipeline", "gpipe", 8)
+    form.widgets["workers"].value = 4  # 4 stages, 3 layers
+    assert str(form.problem()) == "--pipeline-stages: 4 stages but the model has only 3 layers"
