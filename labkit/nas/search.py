@@ -173,7 +173,7 @@ def train_child(architecture, data, epochs: int, batch_size: int, lr: float, wei
             opt.step()
         sched.step()
         if on_epoch:
-            on_epoch(epoch, float(loss))
+            on_epoch(epoch, float(loss.detach()))
     return model
 
 
