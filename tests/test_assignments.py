@@ -88,6 +88,12 @@ def solutions(assignment):
             for c in source_notebook(assignment).cells if c.metadata.get("nbgrader", {}).get("solution")}
 
 
+def solution_regions(assignment):
+    """The text between BEGIN and END SOLUTION, region by region."""
+    return [region.split("### END SOLUTION")[0] for cell in source_notebook(assignment).cells
+            if cell.metadata.get("nbgrader", {}).get("solution") for region in cell.source.split("### BEGIN SOLUTION")[1:]]
+
+
 def code_cells(assignment):
     return {grade_id(c) for c in source_notebook(assignment).cells if c.cell_type == "code"}
 
@@ -190,7 +196,7 @@ def test_release_has_no_solutions_or_hidden_tests(graded):
         assert files == sorted(p.name for p in (COURSE / "source" / assignment).iterdir()
                                if p.name != "__pycache__"), assignment
         text = (released / f"{assignment}.ipynb").read_text()
-        secret = [line.strip() for answer in solutions(assignment).values() for line in answer.splitlines()
+        secret = [line.strip() for answer in solution_regions(assignment) for line in answer.splitlines()
                   if len(line.strip()) > 16 and not line.strip().startswith(("def ", "class ", '"""', "%%", "#"))]
         hidden = (COURSE / "hidden_tests" / f"{assignment}.py").read_text()
         source = (COURSE / "source" / assignment / f"{assignment}.ipynb").read_text()

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from nbconvert.preprocessors import Preprocessor
+from traitlets import Bool
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -68,6 +69,9 @@ def _clean(value):
 
 class OfflineFeedback(Preprocessor):
     """Math as MathML in markdown cells; no absolute path in any output."""
+
+    # nbgrader registers its converters' preprocessors without enabling them
+    enabled = Bool(True).tag(config=True)
 
     def preprocess_cell(self, cell, resources, index):
         if cell.cell_type == "markdown":
