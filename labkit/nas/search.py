@@ -299,7 +299,7 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
     whole, parts = measure_with_parts(architecture, shape, data.num_classes, threads=config.threads)
     return {
         "status": "completed", "architecture": architecture, "candidates": [list(b.candidates) for b in net.blocks],
-        "probs": [[float(p) for p in b.probs()] for b in net.blocks],
+        "probs": [[float(p) for p in b.probs().detach()] for b in net.blocks],
         "latency_predicted_ms": predicted, "latency_measured_ms": measured,
         "latency_error": abs(predicted - measured) / measured,
         # the network and its own table entries timed in the same rounds: the additive model's error alone
