@@ -87,18 +87,26 @@ def cmd_train(args: argparse.Namespace, given: dict) -> int:
         return fail(str(e))
     from .launch import launch
 
-    run = launch(config)
+    try:
+        run = launch(config)  # a locked run directory, a resume the checkpoint contradicts
+    except ConfigError as e:
+        return fail(str(e))
     print(f"labkit: {config.workers} worker(s), {config.launcher} launcher, {config.backend} backend, "
           f"sync {config.sync}, compression {config.compression}; run directory {run.run_dir}",
           file=sys.stderr)
     result = run.wait(progress=not args.quiet)
     summary = result.summary
     if result.status == "completed":
-        print(f"labkit: completed in {summary['wall_time_s']:.1f} s: test accuracy "
-              f"{summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f} ({run.run_dir}/summary.json)")
+        from .bench.runs import fmt
+
+        print(f"labkit: completed in {fmt(summary.get('wall_time_s'), '.1f')} s: test accuracy "
+              f"{fmt(summary.get('test_accuracy'), '.4f')}, test loss {fmt(summary.get('test_loss'), '.4f')} "
+              f"({run.run_dir}/summary.json)")
         return 0
     if result.status == "stopped":
-        print(f"labkit: stopped; resume with: labkit train --run-dir {run.run_dir} --resume", file=sys.stderr)
+        from .launch.run import resume_command
+
+        print(f"labkit: stopped; resume with: {resume_command(run.run_dir)}", file=sys.stderr)
         return 130
     print(f"labkit: run failed: {summary.get('error')}", file=sys.stderr)
     if summary.get("resume_with"):
@@ -149,8 +157,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_timeout(text: str) -> float:
+    from .launch.command import check_timeout
+
+    try:
+        return check_timeout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> Parser:
     from . import __version__
+    from .launch.command import DEFAULT_TIMEOUT_S
 
     parser = Parser(prog="labkit", description="labkit: distributed deep learning, for real, on your machine")
     parser.add_argument("--version", action="version", version=f"labkit {__version__}")
@@ -171,7 +189,8 @@ def build_parser() -> Parser:
     launch.add_argument("-n", type=int, required=True, help="number of ranks")
     launch.add_argument("--launcher", default="local", choices=["local", "mpi", "torchrun", "slurm"])
     launch.add_argument("--backend", default="gloo", choices=["gloo", "mpi", "nccl"])
-    launch.add_argument("--timeout", type=float, default=None, help="end the ranks after this many seconds")
+    launch.add_argument("--timeout", type=_launch_timeout, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help=f"end the ranks after this many seconds (default {DEFAULT_TIMEOUT_S:g})")
     launch.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     bench = sub.add_parser("bench", help="benchmarks (tables for people, --json for machines)", add_help=False)

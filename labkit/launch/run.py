@@ -9,6 +9,8 @@ running.
 from __future__ import annotations
 
 import math
+import os
+import shlex
 import socket
 import sys
 import threading
@@ -55,8 +57,9 @@ class RunResult:
 class Run:
     """A run in progress: a handle that never blocks unless asked to."""
 
-    def __init__(self, config, run: RunDir, job, metrics_offset: int = 0):
+    def __init__(self, config, run: RunDir, job, metrics_offset: int = 0, lock: int | None = None):
         self.config = config
+        self._lock = lock  # RUN_DIR/.lock, held until the run is finalized
         self._files = run  # the RunDir; run_dir is its path
         self.job = job
         self._stop_requested = False
@@ -106,8 +109,12 @@ class Run:
                     break
                 time.sleep(0.05)
         finally:
-            self._finish()
-            self._done.set()
+            try:
+                self._finish()
+            finally:
+                unlock(self._lock)
+                self._lock = None
+                self._done.set()
 
     def _newly_dead(self) -> list[tuple[int, str]]:
         """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
@@ -145,7 +152,7 @@ class Run:
             "evaluated_at_step": last_eval.get("step"), "train_loss": None, "samples_per_s": None,
             "bytes_sent": None, "comm_fraction": None, "world_size": self.config.workers,
             "checkpoint": str(ckpt) if ckpt else None,
-            "resume_with": f"labkit train --run-dir {self.run_dir} --resume" if ckpt else None,
+            "resume_with": resume_command(self.run_dir) if ckpt else None,
         })
 
     def _diagnose(self, code: int | None) -> str:
@@ -249,18 +256,112 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# settings a resumed run must share with its checkpoint: the weights' shapes and the way
+# they are split and kept in step depend on them (others, such as --lr, may change)
+FIXED_ON_RESUME = ("model", "dataset", "sync", "workers", "parallelism", "data_parallel",
+                   "pipeline_stages", "tensor_parallel")
+LOCK_NAME = ".lock"
+
+
+def resume_command(run_dir) -> str:
+    """The command that resumes ``run_dir``, quoted for the shell (spaces, quotes, $)."""
+    return f"labkit train --run-dir {shlex.quote(str(run_dir))} --resume"
+
+
+def lock_run_dir(run: RunDir, option: str, claim: bool = True) -> int:
+    """Hold ``RUN_DIR/.lock`` (flock) for as long as this process runs the run; the kernel
+    lets go when it exits, however it ends. Raises ConfigError naming the holder's pid."""
+    import fcntl
+
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(option, f"cannot lock {run.path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(option, f"{run.path} is in use by a run in progress (launched by pid {holder}); "
+                                  "wait for it to end or stop it first") from None
+    if claim:
+        claim_lock(fd)
+    return fd
+
+
+def claim_lock(fd: int) -> None:
+    """Write this process's pid into the lock file it holds (named to whoever is refused)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _saved_config(run: RunDir):
+    from ..config import RunConfig
+
+    try:
+        return RunConfig.from_dict(run.read_config()["config"])
+    except FileNotFoundError:
+        raise ConfigError("--resume", f"{run.path} has no config.json: not a labkit run directory") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError("--resume", f"{run.config_path} is damaged ({e})") from None
+
+
+def check_resume_settings(config, saved, step: int) -> None:
+    """ConfigError naming the first setting of ``config`` that contradicts the checkpoint."""
+    from ..data import train_size
+
+    for name in FIXED_ON_RESUME:
+        old, new = getattr(saved, name, None), getattr(config, name, None)
+        if old != new:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(option, f"the checkpoint was made with {option} {old}; a resumed run "
+                                      f"must keep it (got {new})")
+    total = config.total_steps(train_size(config.dataset, config.data_dir))
+    if total < step:
+        option = "--steps" if config.steps is not None else "--epochs"
+        raise ConfigError(option, f"the run would end at step {total}, below the checkpoint's step {step}")
+
+
 def prepare_run_dir(config) -> tuple[object, RunDir]:
-    """Create (or, with resume, reopen) the run directory; return the config it will run."""
+    """Create (or, with resume, check and reopen) the run directory; return the config it
+    will run (for batch scripts that start the ranks themselves)."""
+    config, run, lock = _prepare(config)
+    unlock(lock)
+    return config, run
+
+
+def _prepare(config) -> tuple[object, RunDir, int]:
+    """Lock and create (or, with resume, check and reopen) the run directory; return the
+    config it will run, the directory and the lock (release it with :func:`unlock`).
+
+    A resume that is refused changes nothing on disk: every check comes first."""
     if config.run_dir is None:
         config = config.replace(run_dir=str(default_run_dir(config.model, config.sync, config.workers)))
     run = RunDir(config.run_dir)
     if config.resume:
-        found, ckpt, rejected = run.find_good_checkpoint()
-        if found is None:
-            why = "; ".join(f"{p.name} {w}" for p, w in rejected)
-            raise ConfigError("--resume", f"{run.path} has no intact checkpoint to resume from"
-                                          + (f" ({why})" if why else ""))
+        saved = _saved_config(run)
+        lock = lock_run_dir(run, "--resume", claim=False)
+        try:
+            found, ckpt, rejected = run.find_good_checkpoint()
+            if found is None:
+                why = "; ".join(f"{p.name} {w}" for p, w in rejected)
+                raise ConfigError("--resume", f"{run.path} has no intact checkpoint to resume from"
+                                              + (f" ({why})" if why else ""))
+            check_resume_settings(config, saved, int(ckpt["step"]))
+        except BaseException:
+            unlock(lock)
+            raise
         # every check has passed: only now is anything on disk changed
+        claim_lock(lock)
         for path, why in rejected:
             run.set_aside(path)
         if rejected:
@@ -275,17 +376,26 @@ def prepare_run_dir(config) -> tuple[object, RunDir]:
                           resumed_at=time.time())
         run.log_dir.mkdir(exist_ok=True)
     else:
-        run.create(config.to_dict(), config.workers)
-    return config, run
+        lock = lock_run_dir(run, "--run-dir")
+        try:
+            run.create(config.to_dict(), config.workers)
+        except BaseException:
+            unlock(lock)
+            raise
+    return config, run, lock
 
 
 def launch(config) -> Run:
     """Validate ``config``, start its ranks, and return a :class:`Run` handle at once."""
     config.validate()
-    config, run = prepare_run_dir(config)
-    offset = MetricsTail(run, offset=None).offset
-    job = LAUNCHERS.get(config.launcher)(config, run)
-    return Run(config, run, job, metrics_offset=offset)
+    config, run, lock = _prepare(config)
+    try:
+        offset = MetricsTail(run, offset=None).offset
+        job = LAUNCHERS.get(config.launcher)(config, run)
+    except BaseException:
+        unlock(lock)
+        raise
+    return Run(config, run, job, metrics_offset=offset, lock=lock)
 
 
 def train(config, progress: bool = True) -> RunResult:
