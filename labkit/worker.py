@@ -10,6 +10,7 @@ turns that into a failed summary.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -32,6 +33,31 @@ from .runs import RunDir
 
 class Stopped(Exception):
     """The launcher asked this rank to stop (SIGTERM)."""
+
+
+class Diverged(Exception):
+    """The training loss (or the weights) stopped being finite numbers."""
+
+
+def stop_on_divergence(ctx: RankContext) -> None:
+    """Make this rank fail with ``diverged at step K`` as soon as a logged training loss is
+    NaN or infinite, and refuse to checkpoint weights that are: the run ends ``failed``
+    and its last checkpoint stays one that can be resumed from."""
+    log_train, save_checkpoint = ctx.log_train, ctx.run.save_checkpoint
+
+    def checked_log_train(step, epoch, loss, *args, **kwargs):
+        log_train(step, epoch, loss, *args, **kwargs)
+        if loss is None or not math.isfinite(loss):
+            raise Diverged(f"diverged at step {step} (training loss {loss} on rank {ctx.rank})")
+
+    def checked_save_checkpoint(step, state):
+        for name, value in (state.get("model") or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise Diverged(f"diverged at step {step} (weights {name} not finite on rank {ctx.rank})")
+        return save_checkpoint(step, state)
+
+    ctx.log_train = checked_log_train
+    ctx.run.save_checkpoint = checked_save_checkpoint
 
 
 def _on_sigterm(signum, frame):
@@ -131,6 +157,7 @@ def run_rank(run_dir: str) -> int:
         if survives and hasattr(signal, "SIGUSR1"):
             _learn_deaths_from_sigusr1(comm, run)
         ctx = build_context(config, comm, run, meta["start_time"])
+        stop_on_divergence(ctx)
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
         if comm.rank == 0:
             print(describe(ctx.model, ctx.data.input_shape), flush=True)
@@ -156,8 +183,12 @@ def run_rank(run_dir: str) -> int:
             pass
         return 143
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
-        traceback.print_exc()
-        message = f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if isinstance(e, Diverged):
+            message = str(e)
+            print(f"labkit worker: rank {rank}: {message}", flush=True)
+        else:
+            traceback.print_exc()
+            message = f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         try:
             run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "error",
                                 "rank": rank, "error": message, "peer_error": isinstance(e, comm_pkg.PeerError),

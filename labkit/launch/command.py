@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
 
 from .base import free_port, kill_group, share_cores, spawn
+
+DEFAULT_TIMEOUT_S = 3600.0  # a rank that never ends is ended after an hour unless told otherwise
+
+
+def check_timeout(value) -> float:
+    """``--timeout`` as seconds: a finite number > 0, else ValueError with what is wrong."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a finite number of seconds > 0, got {value}")
+    return seconds
 
 
 def _command_for(launcher: str, n: int, command: list[str]) -> list[list[str]] | list[str]:
@@ -25,8 +40,14 @@ def _command_for(launcher: str, n: int, command: list[str]) -> list[list[str]] |
 
 
 def run_command(command: list[str], n: int, launcher: str = "local", backend: str = "gloo",
-                timeout: float | None = None) -> int:
-    """Run ``command`` as ``n`` ranks; stream their output; end them all if one fails."""
+                timeout: float | None = DEFAULT_TIMEOUT_S) -> int:
+    """Run ``command`` as ``n`` ranks; stream their output; end them all if one fails.
+
+    Returns the exit status of the first rank (or launcher) that failed, as the shell
+    writes it (128 + N for a rank killed by signal N), 124 on the timeout and 130 on
+    Ctrl-C; the temporary directory of the ranks' output is removed."""
+    if timeout is not None:
+        timeout = check_timeout(timeout)
     env = dict(os.environ, LABKIT_BACKEND=backend, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), PYTHONUNBUFFERED="1")
     if launcher == "slurm":
@@ -35,13 +56,29 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
     else:
         share_cores(env, n)  # all n ranks run on this host
     logdir = tempfile.mkdtemp(prefix="labkit-launch-")
-    if launcher == "local":
-        procs = [spawn(command, dict(env, RANK=str(r), LOCAL_RANK=str(r)), os.path.join(logdir, f"rank-{r}.log"))
-                 for r in range(n)]
-        logs = [os.path.join(logdir, f"rank-{r}.log") for r in range(n)]
-    else:
-        procs = [spawn(_command_for(launcher, n, command), env, os.path.join(logdir, "launcher.log"))]
-        logs = [os.path.join(logdir, "launcher.log")]
+    try:
+        return _run(command, n, launcher, env, logdir, timeout)
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _run(command, n, launcher, env, logdir, timeout) -> int:
+    procs = []
+    try:
+        if launcher == "local":
+            for r in range(n):
+                procs.append(spawn(command, dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                   os.path.join(logdir, f"rank-{r}.log")))
+            logs = [os.path.join(logdir, f"rank-{r}.log") for r in range(n)]
+        else:
+            procs.append(spawn(_command_for(launcher, n, command), env, os.path.join(logdir, "launcher.log")))
+            logs = [os.path.join(logdir, "launcher.log")]
+    except OSError as e:  # a missing or non-executable command
+        for p in procs:
+            kill_group(p, grace=1.0)
+        name = _command_for(launcher, n, command)[0] if launcher != "local" else command[0]
+        print(f"labkit: launch: cannot run {name}: {e.strerror or e}", file=sys.stderr)
+        return 126 if isinstance(e, PermissionError) else 127
     stop = threading.Event()
     tails = [threading.Thread(target=_tail, args=(path, f"[{r}] " if launcher == "local" else "", stop),
                               daemon=True) for r, path in enumerate(logs)]
@@ -59,7 +96,7 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
             if all(c == 0 for c in codes):
                 break
             if deadline is not None and time.monotonic() > deadline:
-                print(f"labkit: launch: timed out after {timeout:.0f} s; ending all ranks", file=sys.stderr)
+                print(f"labkit: launch: timed out after {timeout:g} s; ending all ranks", file=sys.stderr)
                 code = 124
                 break
             time.sleep(0.1)
@@ -75,7 +112,9 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
             t.join(2)
     if code not in (0, 124, 130):
         print(f"labkit: launch: a rank failed (status {code}); the others were ended", file=sys.stderr)
-    return 0 if code == 0 else (code if 0 < code < 256 else 1)
+    if code < 0:  # killed by a signal: the shell's way of saying so
+        return 128 - code
+    return code if code < 256 else 1
 
 
 def _tail(path: str, prefix: str, stop: threading.Event) -> None:

@@ -34,11 +34,15 @@ class ProgressBar:
             if record["kind"] == "train":
                 self.bar.update(max(0, record["step"] - self.step))
                 self.step = max(self.step, record["step"])
-                postfix["loss"] = f"{record['loss']:.3f}"
+                postfix["loss"] = _fmt(record.get("loss"))  # null when the loss was NaN or infinite
             else:
-                postfix["test_acc"] = f"{record['accuracy']:.3f}"
+                postfix["test_acc"] = _fmt(record.get("accuracy"))
         if postfix:
             self.bar.set_postfix(postfix, refresh=True)
 
     def close(self):
         self.bar.close()
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None else f"{value:.3f}"
