@@ -44,13 +44,15 @@ class ParallelRun:
         optimizer = ctx.make_optimizer(list(parallel.parameters()))
         counts = grid.stage == 0 and grid.tensor_index == 0  # one rank per replica counts its samples
         meter = TrainMeter()
-        bubbles, stashed = [], 0
+        bubbles, stashed, comm_inside = [], 0, 0.0
         comms = {id(c): c for c in (grid.data_comm, grid.pipeline_comm, grid.tensor_comm)}.values()
         for step, epoch, x, y in ctx.batches(0, rank=grid.data_index, world=shape.data):
             optimizer.zero_grad(set_to_none=False)
-            with ctx.timers.time("compute"):
+            before = sum(c.stats.comm_s for c in comms)
+            with ctx.timers.time("compute"):  # less the communication inside it, below
                 loss = parallel.forward_backward_replica(x, y)
                 optimizer.step()
+            comm_inside += sum(c.stats.comm_s for c in comms) - before
             loss, correct = parallel.global_totals(loss, parallel.last_correct)
             meter.add(loss, correct if counts else 0, len(x) if counts else 0)
             if not counts:
@@ -65,7 +67,7 @@ class ParallelRun:
                 meter.last_loss = mean_loss
                 comm_s = sum(c.stats.comm_s for c in comms)
                 ctx.log_train(step, epoch, mean_loss, accuracy, meter.samples, bytes_sent=parallel.bytes_sent(),
-                              comm_s=comm_s, compute_s=max(0.0, ctx.timers.compute_s - comm_s),
+                              comm_s=comm_s, compute_s=max(0.0, ctx.timers.compute_s - comm_inside),
                               grid=shape.as_dict())
                 if stats:
                     ctx.event("timeline", step=step, stage=grid.stage, data_index=grid.data_index,

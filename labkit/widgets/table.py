@@ -9,12 +9,23 @@ import ipywidgets as w
 
 from ..runs import RunDir
 
-COLUMNS = ("run", "sync", "compression", "workers", "status", "test accuracy", "wall time (s)",
+COLUMNS = ("run", "parallelism", "sync", "compression", "workers", "status", "test accuracy", "wall time (s)",
            "MB sent", "comm fraction")
 
 
 def _number(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _parallelism(config: dict, summary: dict) -> str:
+    """The parallelism, its grid D x P x T once the run has one, and a pipeline's measured bubble."""
+    text = config.get("parallelism", "data")
+    grid = summary.get("grid")
+    if grid:
+        text += f" {grid['data']}x{grid['pipeline']}x{grid['tensor']}"
+    if summary.get("bubble_fraction") is not None:
+        text += f", bubble {summary['bubble_fraction']:.2f}"
+    return text
 
 
 def run_row(run_dir) -> dict:
@@ -26,6 +37,7 @@ def run_row(run_dir) -> dict:
     sent = summary.get("bytes_sent")
     return {
         "run": run.path.name,
+        "parallelism": _parallelism(config, summary),
         "sync": config["sync"],
         "compression": config["compression"] + (f" ({params})" if params else ""),
         "workers": str(config["workers"]),
