@@ -100,6 +100,9 @@ class RunConfig:
     error_feedback: bool = field(default=True, metadata=_opt(
         "keep what compression dropped and add it to the next step", group="compression"))
     # optimization
+    optimizer: str = field(default="torch-sgd", metadata=_opt(
+        "optimizer of each worker (and of the master in modes with one); the table's optimizers "
+        "from labkit.optim, or torch-sgd, the library's own", reg.OPTIMIZERS, group="optim"))
     lr: float = field(default=0.05, metadata=_opt("learning rate", group="optim"))
     momentum: float = field(default=0.9, metadata=_opt("SGD momentum (0 to 1)", group="optim"))
     weight_decay: float = field(default=0.0, metadata=_opt("L2 weight decay", group="optim"))

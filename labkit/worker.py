@@ -21,6 +21,7 @@ import traceback
 import torch
 
 from . import comm as comm_pkg
+from . import optim
 from .algorithms.base import RankContext
 from .compress import CompressedCommunicator, make_compressor
 from .config import RunConfig
@@ -82,8 +83,9 @@ def build_context(config: RunConfig, comm, run: RunDir, start_time: float) -> Ra
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
 
     def make_optimizer(params):
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        settings = optim.settings_for(config.optimizer, lr=config.lr, momentum=config.momentum,
+                                      weight_decay=config.weight_decay)
+        return optim.make_optimizer(config.optimizer, params, **settings)
 
     compressor = make_compressor(config.compression, error_feedback=config.error_feedback,
                                  **config.compression_params)
