@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from labkit.nas.latency import (LatencyModel, LatencyTableError, check_table, load_table, measure_table,
-                                save_table)
+from labkit.nas.latency import (
+    LatencyModel,
+    LatencyTableError,
+    check_table,
+    load_table,
+    measure_table,
+    save_table,
+)
 from labkit.nas.search import latency_penalty
 from labkit.nas.supernet import CANDIDATES, MixedOp, SuperNet, activation_bytes
 

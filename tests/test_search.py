@@ -77,7 +77,7 @@ def test_exploit_explore_truncation():
     hp = [{"lr": 0.01 * (i + 1), "momentum": 0.5, "batch_size": 32} for i in range(10)]
     changes = exploit_explore(scores, hp, rng, fraction=0.2, resample_probability=0.0)
     assert sorted(m for m, _, _ in changes) == [2, 5]  # the bottom 20 %
-    for member, parent, new in changes:
+    for _member, parent, new in changes:
         assert parent in (6, 1)  # the top 20 %
         assert new["lr"] / hp[parent]["lr"] == pytest.approx(0.8) or new["lr"] / hp[parent]["lr"] == pytest.approx(1.2)
         assert new["batch_size"] in (26, 38)

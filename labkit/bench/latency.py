@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -50,7 +49,7 @@ def main(argv: list[str]) -> int:
     print(f"latency table: {m.get('gpu', m['cpu'])}, {args.device}, batch 1, {m['threads']} thread(s), "
           f"median of {args.repeats}")
     print(f"{'block input':>14} {'out':>4} {'s':>2}  " + " ".join(f"{op:>7}" for op in net.blocks[1].candidates))
-    for (cin, cout, stride), shape_in, block in zip(net.layout, net.block_inputs(), net.blocks):
+    for (_cin, cout, stride), shape_in in zip(net.layout, net.block_inputs()):
         row = {e["op"]: e["ms"] for e in table["entries"]
                if tuple(e["input"]) == shape_in and e["out_channels"] == cout and e["stride"] == stride}
         cells = " ".join(f"{row[op]:7.3f}" if op in row else f"{'-':>7}" for op in net.blocks[1].candidates)

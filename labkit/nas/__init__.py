@@ -6,7 +6,14 @@ Target Task and Hardware", ICLR 2019).
 - :mod:`labkit.nas.search`: alternate weight and α steps, derive, retrain, time (``labkit nas``).
 """
 
-from .latency import LatencyModel, LatencyTableError, load_table, measure_network, measure_table, save_table
+from .latency import (
+           LatencyModel,
+           LatencyTableError,
+           load_table,
+           measure_network,
+           measure_table,
+           save_table,
+)
 from .search import NasConfig, NasError, run_search
 from .supernet import CANDIDATES, ChildNet, MixedOp, SuperNet, activation_bytes
 

@@ -99,7 +99,7 @@ def measure_table(net: SuperNet, device: str = "cpu", warmup: int = 10, repeats:
         torch.set_num_threads(threads)
     try:
         keys, modules, shapes, entries = set(), [], [], []
-        for (cin, cout, stride), shape, block in zip(net.layout, net.block_inputs(), net.blocks):
+        for (_cin, cout, stride), shape, block in zip(net.layout, net.block_inputs(), net.blocks):
             for op in block.candidates:
                 key = _key(op, shape, cout, stride)
                 if key in keys:
@@ -124,7 +124,7 @@ def measure_table(net: SuperNet, device: str = "cpu", warmup: int = 10, repeats:
 
 
 def _output_shape(net: SuperNet):
-    (cin, h, w), (_, cout, stride) = net.block_inputs()[-1], net.layout[-1]
+    (_cin, h, w), (_, cout, stride) = net.block_inputs()[-1], net.layout[-1]
     return (cout, math.ceil(h / stride), math.ceil(w / stride))
 
 
@@ -208,7 +208,7 @@ class LatencyModel:
         file = table.get("_file", "the latency table")
         self.fixed_ms = float(sum(table["fixed"].values()))
         self.block_ms = []
-        for (cin, cout, stride), shape, block in zip(net.layout, net.block_inputs(), net.blocks):
+        for (_cin, cout, stride), shape, block in zip(net.layout, net.block_inputs(), net.blocks):
             row = []
             for op in block.candidates:
                 key = _key(op, shape, cout, stride)

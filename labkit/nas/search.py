@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .latency import LatencyModel, load_table, measure_network, measure_table, measure_with_parts, save_table
+from .latency import (
+    LatencyModel,
+    load_table,
+    measure_network,
+    measure_table,
+    measure_with_parts,
+    save_table,
+)
 from .supernet import ChildNet, SuperNet
 
 LATENCY_FORMS = ("add", "mul")
@@ -182,7 +189,6 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
     from ..data import load_dataset
     from ..models import parameter_count
     from ..runs import RunDir, default_run_dir
-
     from .latency import LatencyTableError
 
     config.validate()

@@ -263,7 +263,8 @@ def run_es(config: EsConfig, progress: bool = False) -> dict:
         while proc.poll() is None:
             time.sleep(0.2)
             if bar:
-                for record, offset in run.read_metrics_from(offset):
+                for record, next_offset in run.read_metrics_from(offset):
+                    offset = next_offset
                     if record.get("kind") == "train":
                         bar.update(record["step"] - done)
                         done = record["step"]
