@@ -183,7 +183,7 @@ class RunDir:
     def read_summary(self) -> dict | None:
         try:
             return json.loads(self.summary_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, unreadable, or not JSON
             return None
 
     @property

@@ -79,3 +79,68 @@ def test_launch_times_out_and_ends_every_rank(tmp_path, no_leftovers):
     assert out.returncode == 124
     _one_line(out.stderr, "labkit: launch: timed out after 1 s; ending all ranks")
     assert not list(tmp_path.glob("labkit-launch-*"))
+
+
+# --- writes that cannot half-happen --------------------------------------------------------------
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    import torch
+
+    from labkit import runs
+
+    run = RunDir(tmp_path / "run")
+    run.save_checkpoint(10, {"model": {"w": torch.ones(3)}})
+    run.write_summary({"status": "completed"})
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(runs.os, "fsync", _disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run.save_checkpoint(20, {"model": {"w": torch.zeros(3)}})
+    with pytest.raises(OSError, match="No space left"):
+        run.write_summary({"status": "failed"})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing half-written, nothing left
+    assert run.load_checkpoint()["step"] == 10 and run.read_summary() == {"status": "completed"}
+
+
+@pytest.mark.timeout(120)
+def test_a_summary_that_cannot_be_written_still_ends_the_wait(tmp_path, monkeypatch, no_leftovers):
+    import labkit
+
+    monkeypatch.setattr(RunDir, "write_summary", _disk_full)  # the monitor's writes (the ranks are other processes)
+    config = labkit.RunConfig(steps=20, lr=1e30, log_every=2, run_dir=str(tmp_path / "full"))
+    result = labkit.launch(config).wait(timeout=100)
+    assert result.status == "failed"
+    assert result.error.startswith("cannot write ") and result.error.endswith("No space left on device; the run was ended")
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+
+
+@pytest.mark.timeout(150)
+def test_a_run_directory_that_vanishes_ends_the_run_in_one_line(tmp_path, no_leftovers):
+    import shutil
+    import subprocess
+    import time
+
+    from .conftest import LABKIT
+
+    run_dir = tmp_path / "gone"
+    proc = subprocess.Popen([*LABKIT, "train", "--quiet", "--steps", "100000", "--checkpoint-every", "10",
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not RunDir(run_dir).checkpoints():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run made no checkpoint"
+            time.sleep(0.1)
+        shutil.rmtree(run_dir)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    failed = [line for line in err.splitlines() if line.startswith("labkit: run failed:")]
+    assert failed == [f"labkit: run failed: the run directory {run_dir} vanished while the run went on"], err

@@ -60,6 +60,7 @@ class Run:
     def __init__(self, config, run: RunDir, job, metrics_offset: int = 0, lock: int | None = None):
         self.config = config
         self._lock = lock  # RUN_DIR/.lock, held until the run is finalized
+        self._write_error: str | None = None  # why the summary could not be written, if so
         self._files = run  # the RunDir; run_dir is its path
         self.job = job
         self._stop_requested = False
@@ -107,14 +108,38 @@ class Run:
                 if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
                     self.job.stop()  # the others did not notice by themselves: end them
                     break
+                if not self.run_dir.is_dir():
+                    self._write_error = f"the run directory {self.run_dir} vanished while the run went on"
+                    self.job.stop()
+                    break
                 time.sleep(0.05)
+        except OSError as e:  # the run directory cannot be read or written any more
+            self._write_error = self._write_problem(e)
+            self._stop_quietly()
         finally:
             try:
                 self._finish()
+            except OSError as e:
+                self._write_error = self._write_error or self._write_problem(e)
+            except Exception as e:  # noqa: BLE001 - the monitor never dies silently
+                self._write_error = self._write_error or f"the run's monitor failed: {type(e).__name__}: {e}"
             finally:
                 unlock(self._lock)
                 self._lock = None
                 self._done.set()
+
+    def _write_problem(self, e: OSError) -> str:
+        """One line for a run directory that could not be written (full, vanished, read-only)."""
+        if not self.run_dir.is_dir():
+            return f"the run directory {self.run_dir} vanished while the run went on"
+        where = e.filename or self.run_dir
+        return f"cannot write {where}: {e.strerror or e}; the run was ended"
+
+    def _stop_quietly(self) -> None:
+        try:
+            self.job.stop()
+        except Exception:  # noqa: BLE001 - already ending
+            pass
 
     def _newly_dead(self) -> list[tuple[int, str]]:
         """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
@@ -186,7 +211,11 @@ class Run:
         return self.result()
 
     def result(self) -> RunResult:
-        return RunResult(self.run_dir, self._files.read_summary() or {"status": "running"})
+        summary = self._files.read_summary()
+        if self._write_error and (summary is None or summary.get("status") != "completed"):
+            # the summary could not be written: the result says why, from memory
+            summary = {"status": "failed", "error": self._write_error, "resume_with": None}
+        return RunResult(self.run_dir, summary or {"status": "running"})
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> RunResult:
         """Block until the run ends (or ``timeout`` s); a progress bar with ``progress=True``.
@@ -361,28 +390,40 @@ def _prepare(config) -> tuple[object, RunDir, int]:
             unlock(lock)
             raise
         # every check has passed: only now is anything on disk changed
-        claim_lock(lock)
-        for path, why in rejected:
-            run.set_aside(path)
-        if rejected:
-            print(f"labkit: resume: {'; '.join(f'{p.name} {w}' for p, w in rejected)}; moved to "
-                  f"{run.checkpoint_dir / 'rejected'}; resuming from {found.name} (step {int(ckpt['step'])})",
-                  file=sys.stderr, flush=True)
-        run.truncate_metrics_after(int(ckpt["step"]))
-        kept = run.metrics()
-        t_done = max((r.get("t", 0) for r in kept), default=0.0)
-        run.summary_path.unlink(missing_ok=True)
-        run.update_config(config=config.to_dict(), start_time=time.time() - (t_done if math.isfinite(t_done) else 0),
-                          resumed_at=time.time())
-        run.log_dir.mkdir(exist_ok=True)
+        try:
+            _reopen(run, config, lock, found, ckpt, rejected)
+        except OSError as e:
+            unlock(lock)
+            raise ConfigError("--run-dir", f"cannot write {e.filename or run.path}: {e.strerror or e}") from None
     else:
         lock = lock_run_dir(run, "--run-dir")
         try:
             run.create(config.to_dict(), config.workers)
+        except OSError as e:
+            unlock(lock)
+            raise ConfigError("--run-dir", f"cannot write {e.filename or run.path}: {e.strerror or e}") from None
         except BaseException:
             unlock(lock)
             raise
     return config, run, lock
+
+
+def _reopen(run: RunDir, config, lock: int, found, ckpt: dict, rejected) -> None:
+    """Take over a checked run directory for its resume."""
+    claim_lock(lock)
+    for path, why in rejected:
+        run.set_aside(path)
+    if rejected:
+        print(f"labkit: resume: {'; '.join(f'{p.name} {w}' for p, w in rejected)}; moved to "
+              f"{run.checkpoint_dir / 'rejected'}; resuming from {found.name} (step {int(ckpt['step'])})",
+              file=sys.stderr, flush=True)
+    run.truncate_metrics_after(int(ckpt["step"]))
+    kept = run.metrics()
+    t_done = max((r.get("t", 0) for r in kept), default=0.0)
+    run.summary_path.unlink(missing_ok=True)
+    run.update_config(config=config.to_dict(), start_time=time.time() - (t_done if math.isfinite(t_done) else 0),
+                      resumed_at=time.time())
+    run.log_dir.mkdir(exist_ok=True)
 
 
 def launch(config) -> Run:
