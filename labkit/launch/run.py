@@ -411,7 +411,7 @@ def _prepare(config) -> tuple[object, RunDir, int]:
 def _reopen(run: RunDir, config, lock: int, found, ckpt: dict, rejected) -> None:
     """Take over a checked run directory for its resume."""
     claim_lock(lock)
-    for path, why in rejected:
+    for path, _why in rejected:
         run.set_aside(path)
     if rejected:
         print(f"labkit: resume: {'; '.join(f'{p.name} {w}' for p, w in rejected)}; moved to "
