@@ -110,6 +110,21 @@ class RunConfig:
     steps: int | None = field(default=None, metadata=_opt("optimizer steps per rank (instead of --epochs)", group="optim"))
     epochs: int | None = field(default=None, metadata=_opt(f"passes over the data (default {DEFAULT_EPOCHS})", group="optim"))
     seed: int = field(default=0, metadata=_opt("random seed (weights, data order)", group="optim"))
+    lr_scaling: str = field(default="none", metadata=_opt(
+        "large mini-batches (Goyal et al.): linear multiplies --lr by the number of workers (the "
+        "global batch over the one-worker batch); allreduce sync with --parallelism data only",
+        choices=("none", "linear"), group="optim"))
+    warmup_epochs: float = field(default=0.0, metadata=_opt(
+        "--lr-scaling linear: epochs over which the learning rate rises linearly from --lr to the "
+        "scaled one", group="optim", metavar="E"))
+    # numerics of one rank
+    precision: str = field(default="fp32", metadata=_opt(
+        "arithmetic of forward and loss: fp32, or bf16 under autocast (weights stay fp32)",
+        choices=("fp32", "bf16"), group="optim"))
+    conv_algorithm: str = field(default="torch", metadata=_opt(
+        "how the model's convolutions are computed: torch's, or labkit.conv's direct, im2col, fft, "
+        "winograd (3x3 kernels, stride 1)", choices=("torch", "direct", "im2col", "fft", "winograd"),
+        group="model"))
     # bookkeeping
     eval_every: int = field(default=50, metadata=_opt("evaluate on the test set every N steps", metavar="N"))
     log_every: int = field(default=10, metadata=_opt("write training metrics every N steps", metavar="N"))
@@ -239,6 +254,7 @@ class RunConfig:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("--steps", "give either --steps or --epochs, not both")
 
+        self._validate_numerics()
         self._validate_compression()
         self._validate_placement()
         self._validate_data()
@@ -259,6 +275,22 @@ class RunConfig:
     def mode_settings(self) -> dict:
         """The settings the sync mode declared at registration, with their values."""
         return {name: getattr(self, name) for name in reg.SYNC_MODES.entry(self.sync).meta.get("settings", ())}
+
+    def _validate_numerics(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ConfigError("--warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs > 0 and self.lr_scaling == "none":
+            raise ConfigError("--warmup-epochs", "warms up to the scaled learning rate: needs --lr-scaling linear")
+        if self.lr_scaling != "none":
+            from .parallel import uses_sync_mode
+
+            if self.sync != "allreduce" or not uses_sync_mode(self.parallelism, self.data_parallel):
+                raise ConfigError("--lr-scaling", f"{self.lr_scaling} is applied only with --sync allreduce, "
+                                                  "--parallelism data and --data-parallel flat")
+        if self.conv_algorithm != "torch":
+            problem = conv_algorithm_problem(self.model, self.dataset, self.conv_algorithm)
+            if problem:
+                raise ConfigError("--conv-algorithm", problem)
 
     def _validate_compression(self) -> None:
         if not isinstance(self.compression_params, dict):
@@ -352,6 +384,28 @@ class RunConfig:
 
 
 # --- helpers -------------------------------------------------------------------------------
+def conv_algorithm_problem(model: str, dataset: str, algorithm: str) -> str | None:
+    """Why ``model`` cannot compute its convolutions with ``algorithm``, else None. The model is
+    built on the CPU (the course's models are small; no data is loaded) and each convolution
+    is checked."""
+    from torch import nn
+
+    from .conv import set_algorithm
+    from .models import build_model
+    from .parallel import _INPUT_SHAPES
+
+    net = build_model(model, _INPUT_SHAPES.get(dataset, (1, 8, 8)), 10)
+    convs = [(name, m) for name, m in net.named_modules() if type(m) is nn.Conv2d]
+    if not convs:
+        return f"{algorithm}: model {model} has no convolution"
+    for name, conv in convs:
+        try:
+            set_algorithm(conv, algorithm)
+        except ValueError as e:
+            return f"{algorithm} cannot compute {model}'s layer {name}: {str(e).removeprefix('conv-algorithm: ')}"
+    return None
+
+
 def option_name(field_name: str) -> str:
     if field_name == "compression_params":
         return "--compression-param"

@@ -25,7 +25,7 @@ from . import optim
 from .algorithms.base import RankContext
 from .compress import CompressedCommunicator, make_compressor
 from .config import RunConfig
-from .data import load_dataset
+from .data import batches_per_epoch, load_dataset
 from .models import build_model, describe
 from .parallel import uses_sync_mode
 from .registry import PARALLELISMS, SYNC_MODES
@@ -74,29 +74,69 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def scaled_lr(step: int, lr: float, factor: float, warmup_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (1, 2, ...) under the linear scaling rule
+    (Goyal et al., 2017): the target is ``lr * factor``; during the first ``warmup_steps``
+    steps the rate rises linearly from ``lr`` (step 1) towards the target, which it reaches at
+    step ``warmup_steps + 1`` and keeps."""
+    target = lr * factor
+    if warmup_steps <= 0 or step > warmup_steps:
+        return target
+    return lr + (target - lr) * (step - 1) / warmup_steps
+
+
+def attach_lr_scaling(optimizer, config: RunConfig, world: int, steps_per_epoch: int, start_step: int = 0):
+    """Set ``optimizer``'s learning rate before every step by :func:`scaled_lr` (``--lr-scaling
+    linear``: factor = the number of workers, the global batch ``world * batch_size`` over the
+    one-worker batch ``batch_size``; ``--warmup-epochs`` converted to steps). Counts the steps
+    from ``start_step`` (a resumed run continues its schedule)."""
+    factor = world if config.lr_scaling == "linear" else 1
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    counter = [start_step]
+
+    def before_step(opt, args, kwargs):
+        counter[0] += 1
+        lr = scaled_lr(counter[0], config.lr, factor, warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+    optimizer.register_step_pre_hook(before_step)
+    return optimizer
+
+
 def build_context(config: RunConfig, comm, run: RunDir, start_time: float) -> RankContext:
     if "OMP_NUM_THREADS" not in os.environ:  # the launchers set it (launch.base.share_cores)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LABKIT_LOCAL_WORLD", comm.size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     device = resolve_device(config.device, comm_pkg.env_local_rank())
     data = load_dataset(config.dataset, config.data_dir)
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    if config.conv_algorithm != "torch":
+        from .conv import use_conv_algorithm
+
+        use_conv_algorithm(model, config.conv_algorithm)
+    model = model.to(device)
+    resume_state = run.load_checkpoint() if config.resume and run.latest_checkpoint() else None
 
     def make_optimizer(params):
         settings = optim.settings_for(config.optimizer, lr=config.lr, momentum=config.momentum,
                                       weight_decay=config.weight_decay)
-        return optim.make_optimizer(config.optimizer, params, **settings)
+        optimizer = optim.make_optimizer(config.optimizer, params, **settings)
+        if config.lr_scaling != "none":  # validate() allows it only where one optimizer steps per step
+            attach_lr_scaling(optimizer, config, comm.size,
+                              batches_per_epoch(len(data.y_train), comm.size, config.batch_size),
+                              int((resume_state or {}).get("step", 0)))
+        return optimizer
 
     compressor = make_compressor(config.compression, error_feedback=config.error_feedback,
                                  **config.compression_params)
-    resume_state = run.load_checkpoint() if config.resume and run.latest_checkpoint() else None
     return RankContext(
         comm=comm, model=model, make_optimizer=make_optimizer, data=data, device=device, run=run,
         batch_size=config.batch_size, seed=config.seed, total_steps=config.total_steps(len(data.y_train)),
         eval_every=config.eval_every, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, start_time=start_time,
         compressed=CompressedCommunicator(comm, compressor), fixed_steps=config.steps is not None,
-        resume_state=resume_state)
+        resume_state=resume_state, precision=config.precision)
 
 
 def summarize(ctx: RankContext, results: dict) -> dict:

@@ -64,6 +64,7 @@ class RankContext:
     resume_state: dict | None = None
     timers: Timers = field(default_factory=Timers)
     loss_fn: Callable = field(default_factory=lambda: nn.CrossEntropyLoss())
+    precision: str = "fp32"  # --precision: bf16 runs forward and loss under autocast
 
     # --- data -----------------------------------------------------------------------
     @property
@@ -108,11 +109,22 @@ class RankContext:
 
     # --- one step of plain SGD on a batch ---------------------------------------------
     def forward_backward(self, model: nn.Module, x, y) -> tuple[float, int]:
-        """Forward and backward on (x, y); returns (loss, number correct). Timed as compute."""
+        """Forward and backward on (x, y); returns (loss, number correct). Timed as compute.
+
+        With ``precision`` bf16 the forward pass and the loss run under
+        :func:`labkit.precision.autocast` (matmuls and convolutions in bf16, the weights and
+        their gradients in fp32); bf16 keeps fp32's exponent range, so no loss scaling."""
         with self.timers.time("compute"):
             model.zero_grad(set_to_none=False)
-            out = model(x)
-            loss = self.loss_fn(out, y)
+            if self.precision == "fp32":
+                out = model(x)
+                loss = self.loss_fn(out, y)
+            else:
+                from ..precision.mixed import autocast
+
+                with autocast(self.precision, self.device):
+                    out = model(x)
+                    loss = self.loss_fn(out, y)
             loss.backward()
             correct = int((out.argmax(1) == y).sum())
         return float(loss.detach()), correct
