@@ -11,7 +11,6 @@ from labkit.worker import scaled_lr
 
 from .conftest import run_cli
 
-
 BAD = [
     (["--precision", "fp16"], "--precision"),  # fp16 needs loss scaling and a GPU: not offered
     (["--precision", "int8"], "--precision"),
