@@ -8,6 +8,10 @@ which also reads the GradingLimits at the bottom. See docs/grading.md.
 c = get_config()  # noqa: F821 (nbgrader provides get_config when it loads this file)
 
 c.CourseDirectory.course_id = "labkit"
+# Files a notebook writes when it runs (ps4's %%writefile of the student's allreduce) are never
+# copied: the release would otherwise carry an instructor's solved copy, and grading uses the
+# notebook's own cell, which writes the file anew.
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", "ps4_allreduce.py"]
 # The gradebook is nbgrader's default, sqlite:///<this directory>/gradebook.db: it is created
 # by the first `nbgrader generate_assignment` (a fresh clone has none) and is not committed.
 
