@@ -207,6 +207,9 @@ def test_release_has_no_solutions_or_hidden_tests(graded):
         for line in secret + ["BEGIN SOLUTION", "BEGIN HIDDEN TESTS", "run_hidden_tests"]:
             assert json.dumps(line)[1:-1] not in text, f"{assignment}: {line}"
         assert not (released / "hidden_tests").exists()
+        for path in released.rglob("*"):  # no file of the release, notebook or not, is solved
+            if path.is_file():
+                assert "BEGIN SOLUTION" not in path.read_text(errors="replace"), path
 
 
 @pytest.mark.slow
