@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import typing
 
+from ..search.common import typed_value
 from .search import NasConfig, NasError
 
 
@@ -22,25 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(name: str, text: str, kind):
-    flag = "--" + name.replace("_", "-")
-    if typing.get_origin(kind) is not None or "None" in str(kind):
-        if text.strip().lower() in ("", "none"):
-            return None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind is int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise NasError(flag, f"expected a whole number, got {text!r}") from None
-        if not value.is_integer():
-            raise NasError(flag, f"expected a whole number, got {text!r}")
-        return int(value)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise NasError(flag, f"expected a number, got {text!r}") from None
-    return text
+    return typed_value("--" + name.replace("_", "-"), text, kind, NasError)
 
 
 def config_from_args(args: argparse.Namespace) -> NasConfig:

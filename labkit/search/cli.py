@@ -10,7 +10,7 @@ import dataclasses
 import sys
 import typing
 
-from .common import SearchError
+from .common import SearchError, typed_value
 
 
 def _searchers():
@@ -54,26 +54,7 @@ def add_search_parser(sub) -> None:
 
 
 def convert(cls, name: str, text: str):
-    kind = typing.get_type_hints(cls)[name]
-    option = "--" + name.replace("_", "-")
-    if typing.get_origin(kind) is not None or type(None) in typing.get_args(kind):
-        if text.strip().lower() in ("", "none"):
-            return None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind is int:
-        try:
-            value = float(text)
-        except ValueError:
-            raise SearchError(option, f"expected a whole number, got {text!r}") from None
-        if not value.is_integer():
-            raise SearchError(option, f"expected a whole number, got {text!r}")
-        return int(value)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise SearchError(option, f"expected a number, got {text!r}") from None
-    return text
+    return typed_value("--" + name.replace("_", "-"), text, typing.get_type_hints(cls)[name])
 
 
 def main(args: argparse.Namespace) -> int:

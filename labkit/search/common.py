@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from pathlib import Path
 
 
@@ -13,6 +14,31 @@ class SearchError(ValueError):
     def __init__(self, option: str, message: str):
         self.option = option
         super().__init__(f"{option}: {message}")
+
+
+def typed_value(option: str, text: str, kind, error=None):
+    """What a user typed for ``option``, as the field type ``kind`` (int, float, str, or
+    Optional of one, where "" and "none" mean None); a bad number raises ``error(option,
+    message)`` (SearchError unless another error class is given)."""
+    error = error or SearchError
+    if typing.get_origin(kind) is not None or type(None) in typing.get_args(kind):
+        if text.strip().lower() in ("", "none"):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise error(option, f"expected a whole number, got {text!r}") from None
+        if not value.is_integer():
+            raise error(option, f"expected a whole number, got {text!r}")
+        return int(value)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise error(option, f"expected a number, got {text!r}") from None
+    return text
 
 
 def flag(name: str) -> str:
