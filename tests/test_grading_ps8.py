@@ -1,7 +1,6 @@
 """ps8_parallelism through the real grading pipeline (nbgrader generate_assignment, autograde with
 hidden tests, feedback): a perfect, a blank and a wrong submission get their exact scores."""
 
-import copy
 import csv
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.test_grading import copy_course
+from tests.test_grading import copy_course, grade_id, submission
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
@@ -34,8 +33,6 @@ def run(*command, cwd, timeout=240):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def grade_id(cell):
-    return cell.metadata.get("nbgrader", {}).get("grade_id")
 
 
 def solutions():
@@ -60,12 +57,6 @@ def wrong_answers(good):
     return wrong
 
 
-def submission(release, answers=None):
-    notebook = copy.deepcopy(release)
-    for cell in notebook.cells:
-        if grade_id(cell) in (answers or {}):
-            cell.source = answers[grade_id(cell)]
-    return notebook
 
 
 @pytest.fixture(scope="module")

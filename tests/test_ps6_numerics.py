@@ -1,7 +1,6 @@
 """ps6_numerics graded by the real pipeline (nbgrader through labkit.grading): a perfect, a blank,
 a wrong and a tampered submission each get their exact score; the release has no solutions."""
 
-import copy
 import csv
 import json
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from .test_grading import COURSE, copy_course, grade, run
+from .test_grading import COURSE, copy_course, grade, grade_id, run, submission
 
 ASSIGNMENT = "ps6_numerics"
 NOTEBOOK = f"{ASSIGNMENT}.ipynb"
@@ -30,8 +29,6 @@ TOPICS = {"adam": ["004.03"], "kahan": ["001.12", "001.13"], "lns": ["001.11"], 
           "rounding": ["004.15", "004.21"], "storage": ["004.02", "004.06", "004.24"]}
 
 
-def grade_id(cell):
-    return cell.metadata.get("nbgrader", {}).get("grade_id")
 
 
 def solutions():
@@ -41,14 +38,6 @@ def solutions():
             for cell in source.cells if cell.metadata.get("nbgrader", {}).get("solution")}
 
 
-def submission(release, answers=None, tests=None, delete=()):
-    notebook = copy.deepcopy(release)
-    replace = {**(answers or {}), **(tests or {})}
-    notebook.cells = [cell for cell in notebook.cells if grade_id(cell) not in delete]
-    for cell in notebook.cells:
-        if grade_id(cell) in replace:
-            cell.source = replace[grade_id(cell)]
-    return notebook
 
 
 def wrong_answers():

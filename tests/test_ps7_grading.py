@@ -1,7 +1,6 @@
 """ps7_search graded by the real pipeline (nbgrader generate, autograde, labkit.grading): a perfect,
 a blank, a wrong and a tampered submission get their exact scores."""
 
-import copy
 import csv
 import tempfile
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from .test_grading import COURSE, copy_course, grade, grade_id, run
+from .test_grading import COURSE, copy_course, grade, grade_id, run, submission
 
 ASSIGNMENT = "ps7_search"
 NOTEBOOK = f"{ASSIGNMENT}.ipynb"
@@ -30,14 +29,6 @@ def solutions():
             for cell in source.cells if cell.metadata.get("nbgrader", {}).get("solution")}
 
 
-def submission(release, answers=None, tests=None, delete=()):
-    notebook = copy.deepcopy(release)
-    replace = {**(answers or {}), **(tests or {})}
-    notebook.cells = [cell for cell in notebook.cells if grade_id(cell) not in delete]
-    for cell in notebook.cells:
-        if grade_id(cell) in replace:
-            cell.source = replace[grade_id(cell)]
-    return notebook
 
 
 def wrong_answers(good):
