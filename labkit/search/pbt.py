@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import SearchError, SearchRun, check_new_run_dir, check_number
-from .runs import SPACE, clip, config_for, run_members, sample, score
+from .runs import SPACE, check_space, clip, config_for, run_members, sample, score
 
 
 def exploit_explore(scores: list[float], hparams: list[dict], rng: random.Random, fraction: float = 0.2,
@@ -92,11 +92,7 @@ class PbtConfig:
         check_number(self, "truncation", positive=True, high=0.5)
         check_number(self, "resample", low=0, high=1)
         check_number(self, "timeout", positive=True)
-        names = self.space_list()
-        unknown = [n for n in names if n not in SPACE]
-        if unknown or not names:
-            raise SearchError("--space", f"unknown hyperparameter {unknown[0] if unknown else '(none given)'!r}; "
-                                         f"choose from {', '.join(SPACE)}")
+        check_space(self.space_list())
         if self.run_dir is not None:
             check_new_run_dir(self.run_dir)
         self.base_config(Path("/nonexistent-labkit-check"))  # model, dataset, launcher, batch sizes

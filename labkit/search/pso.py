@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import SearchError, SearchRun, check_new_run_dir, check_number
-from .runs import SPACE, config_for, from_unit, run_members, score
+from .runs import SPACE, check_space, config_for, from_unit, run_members, score
 
 
 def pso_step(x, v, own_best, swarm_best, rng: random.Random, inertia=0.5, c1=1.5, c2=1.5):
@@ -47,11 +47,7 @@ class PsoConfig:
         check_number(self, "seed", whole=True, low=0)
         check_number(self, "inertia", low=0, high=1)
         check_number(self, "timeout", positive=True)
-        names = self.space_list()
-        unknown = [n for n in names if n not in SPACE]
-        if unknown or not names:
-            raise SearchError("--space", f"unknown hyperparameter {unknown[0] if unknown else '(none given)'!r}; "
-                                         f"choose from {', '.join(SPACE)}")
+        check_space(self.space_list())
         if self.run_dir is not None:
             check_new_run_dir(self.run_dir)
         self.base_config(Path("/nonexistent-labkit-check"))

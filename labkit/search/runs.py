@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+from .common import SearchError
+
 # The space PBT and the particle swarm search: name -> (low, high, scale).
 SPACE = {
     "lr": (0.003, 0.5, "log"),
@@ -12,6 +14,14 @@ SPACE = {
     "batch_size": (8, 128, "intlog"),
     "compression_ratio": (0.01, 1.0, "log"),  # top-k ratio; 1.0 means no compression
 }
+
+
+def check_space(names: list[str]) -> None:
+    """``--space``: at least one hyperparameter, each one of SPACE."""
+    unknown = [n for n in names if n not in SPACE]
+    if unknown or not names:
+        raise SearchError("--space", f"unknown hyperparameter {unknown[0] if unknown else '(none given)'!r}; "
+                                     f"choose from {', '.join(SPACE)}")
 
 
 def sample(space: list[str], rng: random.Random) -> dict:
