@@ -88,7 +88,7 @@ def test_dashboard_trains_live_in_the_browser(voila):
             table = page.locator(".labkit-run-table")
             expect(table.locator("tbody tr")).to_have_count(1)
             cells = table.locator("tbody td").all_inner_texts()
-            assert cells[1:5] == ["allreduce", "topk (ratio=0.01)", "2", "stopped"]
+            assert cells[1:6] == ["data", "allreduce", "topk (ratio=0.01)", "2", "stopped"]
             expect(start).to_be_enabled()
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -135,7 +135,9 @@ def test_a_run_directory_that_vanishes_ends_the_run_in_one_line(tmp_path, no_lef
         while not RunDir(run_dir).checkpoints():
             assert time.monotonic() < deadline and proc.poll() is None, "the run made no checkpoint"
             time.sleep(0.1)
-        shutil.rmtree(run_dir)
+        # moved away in one step (a tree being deleted file by file races the run's own writes)
+        os.rename(run_dir, tmp_path / "moved")
+        shutil.rmtree(tmp_path / "moved", ignore_errors=True)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
