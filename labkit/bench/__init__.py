@@ -18,6 +18,9 @@ BENCHMARKS = {
     "latency": ("labkit.bench.latency", "ProxylessNAS latency table of this machine: every candidate, batch 1, median"),
     "parallel": ("labkit.bench.parallel", "every parallelism: step time, bubble vs formula, bytes, memory per rank"),
     "scaling": ("labkit.bench.scaling", "strong/weak scaling to a test accuracy, by the rules"),
+    "grading": ("labkit.bench.grading", "autograding a class: submissions per minute, serial against parallel"),
+    "start": ("labkit.bench.start", "Start to first step, cold against warm ranks, and the time of --help"),
+    "faults": ("labkit.bench.faults", "every fault injected into a real run: what was kept, what was lost"),
 }
 
 
