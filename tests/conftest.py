@@ -53,3 +53,38 @@ def no_leftovers(tmp_path):
         except ProcessLookupError:
             pass
     assert not left, f"processes left behind: {left}"
+
+
+# --- the local SLURM cluster (tests marked `slurm`) ------------------------------------------
+SLURM_SCRIPT = ROOT / "cluster" / "local-slurm.sh"
+
+
+def slurm_state() -> Path:
+    """Where cluster/local-slurm.sh keeps this cluster's state ($LABKIT_SLURM_STATE moves it)."""
+    return Path(os.environ.get("LABKIT_SLURM_STATE", ROOT / "cluster" / "state"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (cluster/local-slurm.sh), started once for the whole
+    session and stopped after it; skips when SLURM cannot be had (not root, no apt-get).
+
+    SLURM_CONF is set to this cluster's configuration for the session, so that sbatch and
+    the tests' subprocesses talk to it even if /etc/slurm/slurm.conf names another one."""
+    import shutil
+
+    if shutil.which("sbatch") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        pytest.skip("SLURM is not installed and cannot be (needs root and apt-get)")
+    if os.geteuid() != 0:
+        pytest.skip("starting a local SLURM cluster needs root")
+    up = subprocess.run(["bash", str(SLURM_SCRIPT), "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        pytest.skip(f"local SLURM did not start: {up.stderr.strip()[-300:]}")
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(slurm_state() / "slurm.conf")
+    yield slurm_state()
+    subprocess.run(["bash", str(SLURM_SCRIPT), "down"], capture_output=True, timeout=120)
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before

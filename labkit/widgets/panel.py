@@ -13,6 +13,13 @@ touches a widget, which is what keeps the updates reaching the page in Voila as 
 in JupyterLab. Without a running event loop (plain Python, a test) nothing follows the
 run by itself: call ``tick()``.
 
+With the slurm launcher (a notebook on the course's JupyterHub, whose servers are SLURM
+jobs themselves), the run is a batch job that may wait in the queue: until its ranks
+report, the status line says "queued" with the job's id, its position among the waiting
+jobs and SLURM's reason, then on which node it started; Stop cancels the job (scancel),
+queued or running. The job's state comes from the run's monitor thread
+(``SlurmJob.queue_status``), so the event loop never waits on SLURM.
+
 Until someone presses Start the panel does nothing at all, so a notebook that shows it
 runs unattended (headless execution, autograding) exactly as if it were not there.
 """
@@ -63,6 +70,7 @@ class ControlPanel(w.VBox):
         self.metrics: RunMetrics | None = None
         self.task: asyncio.Task | None = None
         self._live = False  # the latest run has not been seen to end yet
+        self._stopping = False  # Stop was pressed for the latest run
         self._total_steps = 0
         self.start_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
@@ -101,6 +109,7 @@ class ControlPanel(w.VBox):
         self.metrics = RunMetrics(self.run.run_dir)
         self._total_steps = config.total_steps(train_size(config.dataset, config.data_dir))
         self._live = True
+        self._stopping = False
         self.table.add(self.run.run_dir)
         self.status.value = "starting the ranks..."
         self._check()
@@ -110,6 +119,7 @@ class ControlPanel(w.VBox):
         """Ask the run to stop; the live view shows it ending."""
         if self._live:
             self.run.stop(timeout=0)
+            self._stopping = True
             self.stop_button.disabled = True
             self.status.value = "stopping..."
 
@@ -142,8 +152,38 @@ class ControlPanel(w.VBox):
             self._ended()
         elif self.metrics.last_step:
             total = self.metrics.total_steps or self._total_steps
-            self.status.value = f"running: step {self.metrics.last_step} of {total}"
+            self.status.value = f"running: step {self.metrics.last_step} of {total}{self._job_suffix()}"
+        elif not self._stopping:  # say where the batch job is, if there is one
+            waiting = self.queue_text()
+            if waiting:
+                self.status.value = waiting
         return not ended
+
+    def queue_status(self) -> dict | None:
+        """The batch job's place (``SlurmJob.queue_status``); None for launchers without a queue."""
+        ask = getattr(getattr(self.run, "job", None), "queue_status", None)
+        return ask() if callable(ask) else None
+
+    def queue_text(self) -> str | None:
+        """The status line of a batch job whose ranks have not reported yet."""
+        q = self.queue_status()
+        if not q:
+            return None
+        if q["state"] == "PENDING":
+            text = f"queued: SLURM job {q['job_id']}"
+            if q["position"]:
+                text += f", position {q['position']} of {q['waiting']} in the queue"
+            if q["reason"]:
+                text += f" (reason: {q['reason']})"
+            return text
+        if q["state"] in ("RUNNING", "CONFIGURING"):
+            where = f" on {q['node']}" if q["node"] else ""
+            return f"SLURM job {q['job_id']} started{where}: starting the ranks..."
+        return None
+
+    def _job_suffix(self) -> str:
+        q = self.queue_status()
+        return f" (SLURM job {q['job_id']})" if q else ""
 
     def _ended(self) -> None:
         self._live = False
@@ -155,6 +195,6 @@ class ControlPanel(w.VBox):
         elif state == "failed":
             self.status.value = _error_html(f"failed at step {self.metrics.last_step}: {summary['error']}")
         else:
-            self.status.value = f"{state} at step {self.metrics.last_step}"
+            self.status.value = f"{state} at step {self.metrics.last_step}{self._job_suffix()}"
         self.table.refresh()
         self._check()
