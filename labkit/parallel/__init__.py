@@ -37,7 +37,12 @@ def uses_sync_mode(parallelism: str, data_parallel: str) -> bool:
 
 def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel, microbatches, batch_size,
           sync, compression, data_parallel, bucket_mb, resume):
-    """(option, problem) for a combination that cannot work, else None."""
+    """(option, problem) for a combination that cannot work, else None.
+
+    A split model (and data parallelism naive or bucketed) averages its gradients over the
+    data group by allreduce, through the compressing communicator: any ``--compression``
+    applies, no other ``--sync`` does (those modes exchange weights, or talk to a master,
+    on their own schedule, which a pipeline or a tensor split cannot follow)."""
     from ..models import build_model
     from .grid import grid_shape
     from .model import count_layers
@@ -53,13 +58,11 @@ def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel
         if uses_sync_mode(parallelism, data_parallel):
             return None
         if sync != "allreduce":
-            return "--data-parallel", f"{data_parallel} averages the gradients itself: use it with --sync allreduce"
+            return "--sync", (f"{sync} cannot combine with --data-parallel {data_parallel}, which averages the "
+                              "gradients by allreduce itself: use --sync allreduce, or --data-parallel flat")
     elif sync != "allreduce":
         return "--sync", (f"{sync} cannot combine with --parallelism {parallelism}: a split model averages "
                           "its gradients over the data group with allreduce (--sync allreduce)")
-    if compression != "none":
-        return "--compression", (f"{compression}: gradient compression runs in the sync mode, with "
-                                 "--parallelism data --data-parallel flat")
     if resume:
         return "--resume", f"not available with --parallelism {parallelism} --data-parallel {data_parallel}"
     shape = _INPUT_SHAPES.get(dataset, (1, 8, 8))
@@ -73,6 +76,10 @@ def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel
         return "--data-parallel", "bucketed: the micro-batches of a pipeline add up in the same buckets; use flat"
     if grid.pipeline > 1 and parallelism != "model" and batch_size % microbatches:
         return "--microbatches", f"{microbatches} does not divide --batch-size {batch_size}"
+    if compression != "none" and grid.data == 1:
+        return "--compression", (f"{compression} compresses the gradients exchanged between data replicas, and a "
+                                 f"{grid.data}x{grid.pipeline}x{grid.tensor} grid has one: add workers "
+                                 "(--parallelism hybrid) or leave --compression none")
     return None
 
 

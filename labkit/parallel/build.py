@@ -6,7 +6,8 @@ gradients over the data group in the chosen way (naive, flat or bucketed). Each 
 calls ``forward_backward(x, y)`` with the whole global batch; it takes the rows of its
 data replica. After it the gradients of the rank's piece, in ``.grad``, are those of the
 mean loss over the global batch, exactly as one process would compute them on the whole
-model, and ``optimizer.step()`` on ``parameters()`` takes the same step.
+model, and ``optimizer.step()`` on ``parameters()`` takes the same step. A ``compressor``
+(``labkit.compress``) compresses what goes over the data group, whichever way it is averaged.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class _Whole:
 class ParallelModel:
     def __init__(self, kind: str, model: nn.Module, comm, input_shape, *, data_parallel: str = "flat",
                  microbatches: int = 1, schedule: str = "1f1b", pipeline_stages: int = 0,
-                 tensor_parallel_size: int = 0, bucket_mb: float = 25.0):
+                 tensor_parallel_size: int = 0, bucket_mb: float = 25.0, compressor=None):
         if kind not in KINDS:
             raise ValueError(f"--parallelism {kind!r}: choose one of {', '.join(KINDS)}")
         if data_parallel not in DATA_PARALLEL:
@@ -73,8 +74,8 @@ class ParallelModel:
                              "buckets; use flat or naive with a pipeline")
         self.data_parallel = data_parallel
         factory = DATA_PARALLEL[data_parallel]
-        self.sync = factory(self.module, self.grid.data_comm, bucket_mb) if data_parallel == "bucketed" \
-            else factory(self.module, self.grid.data_comm)
+        extra = {"bucket_mb": bucket_mb} if data_parallel == "bucketed" else {}
+        self.sync = factory(self.module, self.grid.data_comm, compressor=compressor, **extra)
 
     def parameters(self):
         return self.module.parameters()

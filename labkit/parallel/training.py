@@ -9,7 +9,8 @@ events (forward, backward, send, recv with their times), which the panel draws a
 chart. For evaluation and checkpoints the pieces are gathered into the whole model on
 every rank (``ParallelModel.full_state``). The summary gains ``grid``, and for pipelines
 ``bubble_fraction`` (measured: the ranks' mean idle share of a step) beside
-``bubble_fraction_model`` ((p−1)/(m+p−1)) and ``stashed_peak``.
+``bubble_fraction_model`` ((p−1)/(m+p−1)) and ``stashed_peak``. The run's compressor
+(``--compression``, with its error feedback) compresses the gradients averaged over the data group.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ParallelRun:
 
     def run(self, ctx) -> dict:
         eval_model = copy.deepcopy(ctx.model)  # the whole model, for evaluation and checkpoints
-        parallel = ParallelModel(self.parallelism, ctx.model, ctx.comm, ctx.data.input_shape, **self.settings)
+        parallel = ParallelModel(self.parallelism, ctx.model, ctx.comm, ctx.data.input_shape,
+                                 compressor=ctx.compressed.compressor, **self.settings)
         grid, shape = parallel.grid, parallel.shape
         n = len(ctx.data.y_train)
         if not ctx.fixed_steps:  # --epochs: count the epochs over D replicas, not over all workers
