@@ -3,6 +3,10 @@
 Every RunConfig field is an option of ``labkit train``; an invalid configuration ends
 with one line ``labkit: error: --option: what is wrong`` and exit status 2, before any
 process is started or any file written.
+
+Building the parser imports no torch: the options come from ``RunConfig``'s fields and
+the registries' names (remembered between processes by :mod:`labkit.choices`), and each
+command imports what it runs only when it runs, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -127,9 +131,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 # --- labkit bench -------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+HELP_FLAGS = ("-h", "--help")
+
+
+def bench_list() -> str:
+    """The benchmarks, one per line with what each measures (``labkit bench --help``)."""
+    from .bench import BENCHMARKS
+
+    width = max(map(len, BENCHMARKS))
+    return "\n".join(f"  {name.ljust(width)}  {text}" for name, (_module, text) in BENCHMARKS.items())
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str], parser: argparse.ArgumentParser) -> int:
     from .bench import BENCHMARKS, run_benchmark
 
+    if args.name is None:
+        if any(a in HELP_FLAGS for a in rest):
+            parser.print_help()
+            return 0
+        parser.print_help(sys.stderr)
+        return fail("bench: name the benchmark to run (listed above)")
     if args.name not in BENCHMARKS:
         return fail(f"bench: unknown benchmark {args.name!r}; choose one of {', '.join(BENCHMARKS)}")
     return run_benchmark(args.name, rest)
@@ -193,8 +214,15 @@ def build_parser() -> Parser:
                         help=f"end the ranks after this many seconds (default {DEFAULT_TIMEOUT_S:g})")
     launch.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
-    bench = sub.add_parser("bench", help="benchmarks (tables for people, --json for machines)", add_help=False)
-    bench.add_argument("name", help="allreduce, compress, modes, ...")
+    bench = sub.add_parser("bench", help="benchmarks (tables for people, --json for machines)", add_help=False,
+                           usage="labkit bench NAME [--json] [options of NAME]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Run one benchmark: a table for people, JSON with --json.\n"
+                                       "Ratios are against a baseline measured in the same run.\n"
+                                       "labkit bench NAME --help lists NAME's own options.",
+                           epilog="benchmarks:\n" + bench_list())
+    bench.add_argument("name", nargs="?", metavar="NAME", help="the benchmark to run (listed below)")
+    parser.bench_parser = bench  # `labkit bench` with no name prints its help
 
     for name, text in (("nas", "ProxylessNAS on this machine: search, retrain, measure latency"),
                        ("es", "evolution strategies: ranks exchange only scalars"),
@@ -207,8 +235,6 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    import labkit  # noqa: F401 - fills the registries before options are listed
-
     if argv[:1] in (["nas"], ["es"], ["search"]):
         from .search.cli import run_command
 
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)
-        return cmd_bench(args, rest)
+        return cmd_bench(args, rest, parser.bench_parser)
     args = parser.parse_args(argv)
     if args.cmd == "train":
         given = {k: v for k, v in vars(args).items() if k not in ("cmd", "quiet")}
