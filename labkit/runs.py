@@ -20,13 +20,13 @@ import io
 import json
 import math
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
 
-import torch
-
 KEEP_CHECKPOINTS = 2
+LOCK_NAME = ".lock"  # held (flock) by the process that launched the run, for as long as it runs it
 
 
 class CheckpointError(ValueError):
@@ -117,6 +117,8 @@ class RunDir:
 
     # creation
     def create(self, config_dict: dict, world_size: int, launcher_host: str | None = None) -> None:
+        import torch
+
         from . import __version__
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -188,8 +190,124 @@ class RunDir:
 
     @property
     def status(self) -> str:
-        summary = self.read_summary()
+        summary = self.settle()
         return summary["status"] if summary else "running"
+
+    # a run whose launcher ended without finalizing it
+    def ending_summary(self, status: str, error: str | None, world_size: int | None = None) -> dict:
+        """The summary of a run that did not complete, from what its files hold: the last
+        logged step, the last evaluation, the newest checkpoint and how to resume from it."""
+        last_step = max((r.get("step", 0) or 0 for r in self.iter_metrics(kind="train")), default=0)
+        evals = self.metrics(kind="eval")
+        last_eval = evals[-1] if evals else {}
+        try:
+            meta = self.read_config()
+        except (OSError, ValueError):
+            meta = {}
+        start = meta.get("start_time")
+        ckpt = self.latest_checkpoint()
+        return {
+            "status": status, "error": error, "steps": last_step,
+            "wall_time_s": _last_t(self) if start is None else round(time.time() - start, 3),
+            # the last evaluation before the end, and the step it was made at
+            "test_accuracy": last_eval.get("accuracy"), "test_loss": last_eval.get("loss"),
+            "evaluated_at_step": last_eval.get("step"), "train_loss": None, "samples_per_s": None,
+            "bytes_sent": None, "comm_fraction": None, "world_size": world_size or meta.get("world_size"),
+            "checkpoint": str(ckpt) if ckpt else None,
+            "resume_with": resume_command(self.path) if ckpt else None,
+        }
+
+    def settle(self, found_by: str = "a reader", ranks_may_run: bool = False) -> dict | None:
+        """The summary, or ``None`` while the run is going. A run whose launching process
+        ended without writing the summary (a killed kernel, a closed terminal) and whose
+        ranks are all gone is finalized here, by whoever reads it first: ``stopped``, or
+        ``failed`` with a rank's own error, naming the cause."""
+        summary = self.read_summary()
+        if summary is not None:
+            return summary
+        try:
+            launched = self.read_config().get("launched_by")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(launched, dict) or launched.get("host") != socket.gethostname():
+            return None  # launched by a batch script, or on another host: nothing to tell from here
+        if process_alive(launched):
+            return None
+        with held_lock(self.path / LOCK_NAME) as held:
+            if not held:
+                return None  # a new launcher (a resume) holds it
+            summary = self.read_summary()
+            if summary is not None:
+                return summary
+            if not ranks_may_run and self.live_ranks():
+                return None  # they notice by themselves and end; the next reader finalizes
+            summary = self.orphan_summary(launched, found_by)
+            try:
+                self.write_summary(summary)
+            except OSError:
+                pass  # a read-only or full directory: the summary is still reported
+            return summary
+
+    def orphan_summary(self, launched: dict, found_by: str) -> dict:
+        """``stopped`` (or ``failed`` with a rank's own error): the launching process ended."""
+        events = self.metrics(kind="event")
+        own = [e for e in events if e.get("event") == "error" and not e.get("peer_error")]
+        reason = (f"the process that launched the run (pid {launched.get('pid')}) ended before the run did; "
+                  f"found by {found_by}")
+        if own:
+            return self.ending_summary("failed", f"{own[0].get('error')} ({reason})")
+        return self.ending_summary("stopped", reason)
+
+    def live_ranks(self) -> list[int]:
+        """The ranks on this host that started, have not said goodbye, and still run."""
+        host = socket.gethostname()
+        pids, ended = {}, set()
+        for e in self.iter_metrics(kind="event"):
+            if e.get("event") == "started" and e.get("host") == host and "pid" in e:
+                pids[e.get("rank")] = e["pid"]
+            elif e.get("event") in ("finished", "error", "stopped"):
+                ended.add(e.get("rank"))
+        return sorted(r for r, pid in pids.items() if r not in ended and process_alive({"pid": pid}))
+
+    def problems(self) -> list[str]:
+        """One line per damaged file of the run (for ``labkit show``): a config.json or a
+        summary.json that is not JSON, metric lines that are not."""
+        found = []
+        for path, what in ((self.config_path, "config"), (self.summary_path, "summary")):
+            try:
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict) or (what == "config" and not isinstance(data.get("config"), dict)):
+                    found.append(f"{path} is damaged (not a labkit {what})")
+                elif what == "summary" and "status" not in data:
+                    found.append(f"{path} is damaged (no status)")
+            except FileNotFoundError:
+                if what == "config":
+                    found.append(f"{path} is missing: not a labkit run directory")
+            except (OSError, UnicodeDecodeError) as e:
+                found.append(f"{path} cannot be read ({getattr(e, 'strerror', None) or e})")
+            except ValueError as e:
+                found.append(f"{path} is damaged (not JSON: {str(e).split(':')[0]})")
+        bad, first = 0, None
+        try:
+            with open(self.metrics_path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        break  # being written, or cut short by a crash: not a problem
+                    try:
+                        ok = isinstance(json.loads(line), dict)
+                    except ValueError:
+                        ok = False
+                    if not ok:
+                        bad += 1
+                        first = first or number
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            found.append(f"{self.metrics_path} cannot be read ({e.strerror or e})")
+        if bad:
+            found.append(f"{self.metrics_path}: {bad} line(s) are not JSON (the first at line {first}); "
+                         "they are skipped")
+        return found
 
     # checkpoints
     def checkpoint_path(self, step: int) -> Path:
@@ -203,6 +321,8 @@ class RunDir:
         any moment leaves either no new checkpoint, or one whose checksum says whether it
         is whole. The previous checkpoints are only pruned once the new one is in place.
         """
+        import torch
+
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({"step": step, **state}, buf)
@@ -258,6 +378,8 @@ class RunDir:
             return None, f"{what} ({len(data)} bytes, its checksum says {size})"
         if hashlib.sha256(data).hexdigest() != digest:
             return None, "does not match its checksum (altered after it was written)"
+        import torch
+
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means: do not use it
@@ -337,6 +459,69 @@ class MetricsTail:
             self.offset = offset
             records.append(record)
         return records
+
+
+def resume_command(run_dir) -> str:
+    """The command that resumes ``run_dir``, quoted for the shell (spaces, quotes, $)."""
+    return f"labkit train --run-dir {shlex.quote(str(run_dir))} --resume"
+
+
+def _last_t(run: RunDir) -> float | None:
+    return max((r.get("t", 0) or 0 for r in run.iter_metrics()), default=None)
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """This process (or ``pid``) as the run directory names it: pid, host, and its start
+    time in clock ticks, so that a pid reused by another process is not taken for it."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_ticks(pid)}
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(ident: dict) -> bool:
+    """Is the process ``ident`` (from :func:`process_identity`) still running (not a zombie)?"""
+    pid = ident.get("pid")
+    if not isinstance(pid, int):
+        return False
+    start = _start_ticks(pid)
+    if start is None:
+        return False
+    return ident.get("start") in (None, start)
+
+
+class held_lock:
+    """``with held_lock(path) as held:`` tries to take the flock of ``path`` without
+    waiting; ``held`` says whether it was taken (no file: not held)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> bool:
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            return False
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def default_run_dir(model: str, sync: str, workers: int, root: str | os.PathLike | None = None) -> Path:

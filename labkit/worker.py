@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -29,7 +30,9 @@ from .data import batches_per_epoch, load_dataset
 from .models import build_model, describe
 from .parallel import uses_sync_mode
 from .registry import PARALLELISMS, SYNC_MODES
-from .runs import RunDir
+from .runs import RunDir, process_alive
+
+LAUNCHER_GONE_GRACE_S = 20.0  # a rank whose launcher died exits by itself within this (finishing: 3x)
 
 
 class Stopped(Exception):
@@ -63,6 +66,57 @@ def stop_on_divergence(ctx: RankContext) -> None:
 
 def _on_sigterm(signum, frame):
     raise Stopped("stopped by request")
+
+
+_finishing = False  # this rank has done its last step: a dead launcher does not interrupt it
+
+
+def _launcher_of(meta: dict) -> dict | None:
+    launched = meta.get("launched_by")
+    if isinstance(launched, dict) and launched.get("host") == socket.gethostname():
+        return launched
+    return None
+
+
+def _finalize_orphan(run: RunDir, launched: dict | None, rank: int) -> None:
+    """The process that launched the run is gone: write the run's summary (``stopped``, or
+    ``failed`` with a rank's own error) unless someone already has."""
+    if launched is None or process_alive(launched):
+        return
+    try:
+        run.settle(found_by=f"rank {rank}", ranks_may_run=True)
+    except Exception:  # noqa: BLE001 - the next reader of the run directory finalizes it
+        pass
+
+
+def watch_launcher(run: RunDir, meta: dict, rank: int) -> None:
+    """End this rank, with the run finalized, when the process that launched it goes away
+    (a killed kernel, a closed terminal): a rank never trains on for nobody.
+
+    A rank started by that process directly asks the kernel for SIGTERM at its death (its
+    launcher asked for SIGKILL, which would leave no chance to write anything); every rank
+    on that host also checks the launcher twice a second."""
+    launched = _launcher_of(meta)
+    if launched is None:
+        return
+    if sys.platform == "linux" and os.getppid() == launched.get("pid"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    def watch():
+        while process_alive(launched):
+            time.sleep(0.5)
+        _finalize_orphan(run, launched, rank)
+        if not _finishing:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(LAUNCHER_GONE_GRACE_S * (3 if _finishing else 1))
+        os._exit(143)  # stuck in a collective with peers that went too
+
+    threading.Thread(target=watch, name="labkit-launcher-watch", daemon=True).start()
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -181,7 +235,7 @@ def _learn_deaths_from_sigusr1(comm, run: RunDir) -> None:
 
 
 def run_rank(run_dir: str) -> int:
-    global _peers_lost
+    global _peers_lost, _finishing
     run = RunDir(run_dir)
     meta = run.read_config()
     config = RunConfig.from_dict(meta["config"])
@@ -191,6 +245,7 @@ def run_rank(run_dir: str) -> int:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    watch_launcher(run, meta, rank)
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
     comm = None
     try:
@@ -208,6 +263,7 @@ def run_rank(run_dir: str) -> int:
         else:  # a split model (or data parallelism done the naive or the bucketed way)
             parallelism = PARALLELISMS.get(config.parallelism)
             results = parallelism(**config.values_for(parallelism)).run(ctx)
+        _finishing = True
         ctx.event("finished")
         if not survives:
             comm.barrier()  # a mode that survives lost workers ends in step by itself
@@ -223,6 +279,7 @@ def run_rank(run_dir: str) -> int:
                                 "rank": rank, "pid": os.getpid()})
         except OSError:
             pass
+        _finalize_orphan(run, _launcher_of(meta), rank)
         return 143
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
         if isinstance(e, Diverged):

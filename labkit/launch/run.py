@@ -4,26 +4,40 @@ A monitor thread in the :class:`Run` follows the ranks: when one dies it stops t
 (or, in sync modes that survive the loss of a worker, records the loss and goes on) and
 writes a ``failed`` summary naming the rank, so that nothing hangs and nothing is left
 running.
+
+Every run ends with a status, also when the process that launched it goes away:
+SIGTERM, SIGHUP and a second Ctrl-C during ``wait()`` stop it, and so does the
+interpreter's exit (an ``atexit`` hook); the ranks watch the launching process and
+finalize the run themselves when it is killed outright (``worker.watch_launcher``), and
+the next reader of a run directory finalizes what nobody else could (``RunDir.settle``).
+The ranks are started from one thread that lives as long as this process, because the
+kernel's parent-death signal follows the thread that started a child, not its process: a
+run launched from a thread that then ends goes on.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
-import shlex
+import queue
+import signal
 import socket
 import sys
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
 from ..registry import LAUNCHERS, SYNC_MODES
-from ..runs import MetricsTail, RunDir, default_run_dir
+from ..runs import LOCK_NAME, MetricsTail, RunDir, default_run_dir, process_identity, resume_command
 from .base import signal_name
 
 FAILURE_GRACE_S = 15.0  # how long the other ranks get to notice a dead peer and exit by themselves
+FINISH_GRACE_S = 60.0  # a Stop after every rank's last step waits this long for the summary
 
 
 @dataclass
@@ -64,12 +78,17 @@ class Run:
         self._files = run  # the RunDir; run_dir is its path
         self.job = job
         self._stop_requested = False
+        self._stop_reason = "stopped by request"
+        self._hurry = False  # a second interrupt: end the ranks without a grace period
         self._done = threading.Event()
         self._lost_workers: set[int] = set()
         self._ranks = _RankWatch(run, metrics_offset)
         self._first_failure: tuple[int, str] | None = None
+        self._silent: dict[int, str] = {}  # ranks alive but mute when a peer gave up on them: their state
+        self._total_steps = _total_steps(config)
         self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
         self._monitor.start()
+        _LIVE.add(self)
 
     @property
     def run_dir(self) -> Path:
@@ -91,12 +110,17 @@ class Run:
     # --- watching ---------------------------------------------------------------------
     def _watch(self) -> None:
         survives = SYNC_MODES.entry(self.config.sync).meta.get("survives_worker_loss", False)
-        failed_at = None
+        failed_at = finishing_since = None
         try:
             while self.job.poll() is None:
                 if self._stop_requested:
-                    self.job.stop()
-                    break
+                    # a Stop after every rank's last step: let rank 0 write the completed summary
+                    if finishing_since is None and not self._hurry and self._all_finished():
+                        finishing_since = time.monotonic()
+                    if finishing_since is None or self._hurry or \
+                            time.monotonic() - finishing_since > FINISH_GRACE_S:
+                        self.job.stop(**({"grace": 0.0} if self._hurry else {}))
+                        break
                 for rank, detail in self._newly_dead():
                     if survives and rank != 0:
                         self._files.append_metrics({
@@ -105,8 +129,10 @@ class Run:
                     elif failed_at is None:
                         failed_at = time.monotonic()
                         self._first_failure = (rank, detail)
-                if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-                    self.job.stop()  # the others did not notice by themselves: end them
+                        self._silent = self._ranks.silent()
+                if failed_at is not None and (time.monotonic() - failed_at > FAILURE_GRACE_S
+                                              or self._ranks.only_stopped_left()):
+                    self.job.stop()  # the others did not notice by themselves (or cannot): end them
                     break
                 if not self.run_dir.is_dir():
                     self._write_error = f"the run directory {self.run_dir} vanished while the run went on"
@@ -155,30 +181,20 @@ class Run:
         self._lost_workers.update(r for r, _ in new)
         return new
 
+    def _all_finished(self) -> bool:
+        """Has every rank logged its last step (or said it finished)?"""
+        return self._ranks.all_finished(self.config.workers, self._total_steps)
+
     def _finish(self) -> None:
         code = self.job.poll()
         summary = self._files.read_summary()
-        if summary and summary.get("status") == "completed" and not self._stop_requested:
-            return
-        meta = self._files.read_config()
-        wall = time.time() - meta["start_time"]
-        last_step = max((r.get("step", 0) for r in self._files.iter_metrics(kind="train")), default=0)
+        if summary and summary.get("status") == "completed":
+            return  # it completed, whatever came after (a Stop once every step was done)
         if self._stop_requested:
-            status, error = "stopped", "stopped by request"
+            status, error = "stopped", self._stop_reason
         else:
             status, error = "failed", self._diagnose(code)
-        ckpt = self._files.latest_checkpoint()
-        evals = self._files.metrics(kind="eval")
-        last_eval = evals[-1] if evals else {}
-        self._files.write_summary({
-            "status": status, "error": error, "steps": last_step, "wall_time_s": wall,
-            # the last evaluation before the end, and the step it was made at
-            "test_accuracy": last_eval.get("accuracy"), "test_loss": last_eval.get("loss"),
-            "evaluated_at_step": last_eval.get("step"), "train_loss": None, "samples_per_s": None,
-            "bytes_sent": None, "comm_fraction": None, "world_size": self.config.workers,
-            "checkpoint": str(ckpt) if ckpt else None,
-            "resume_with": resume_command(self.run_dir) if ckpt else None,
-        })
+        self._files.write_summary(self._files.ending_summary(status, error, self.config.workers))
 
     def _diagnose(self, code: int | None) -> str:
         """One line naming the rank that failed first, and why."""
@@ -187,6 +203,13 @@ class Run:
         own = [e for e in errors if not e.get("peer_error")]
         if own:
             return own[0]["error"]
+        if self._silent and errors:  # the others gave up waiting on a rank that was alive but mute
+            rank, state = sorted(self._silent.items())[0]
+            waiting = errors[0].get("rank")
+            timeout = self.config.timeout
+            return (f"rank {rank} stopped answering ({state}): rank {waiting} gave up waiting for it after "
+                    f"the {timeout:g} s communication timeout (--timeout {timeout:g}); "
+                    f"see {self._files.log_path(rank)}")
         if self._first_failure is not None:
             rank, detail = self._first_failure
             return f"rank {rank} died ({detail}); see {self._files.log_path(rank)}"
@@ -203,12 +226,17 @@ class Run:
                 f"before the ranks reported; see {where}")
 
     # --- control ------------------------------------------------------------------------
-    def stop(self, timeout: float = 30.0) -> RunResult:
-        """End every process of the run; the summary says ``stopped``."""
-        if not self._done.is_set():
-            self._stop_requested = True
-            self._done.wait(timeout)
+    def stop(self, timeout: float = 30.0, reason: str | None = None) -> RunResult:
+        """End every process of the run; the summary says ``stopped`` (with ``reason``), or
+        ``completed`` with every number when every rank had already done its last step."""
+        self._request_stop(reason)
+        self._done.wait(timeout)
         return self.result()
+
+    def _request_stop(self, reason: str | None = None) -> None:
+        if not self._done.is_set() and not self._stop_requested:
+            self._stop_reason = reason or "stopped by request"
+            self._stop_requested = True
 
     def result(self) -> RunResult:
         summary = self._files.read_summary()
@@ -226,19 +254,31 @@ class Run:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = ProgressBar(self) if progress else None
+        restore = _catch_termination()
         try:
             while not self._done.wait(0.25):
                 if bar:
                     bar.update()
                 if deadline is not None and time.monotonic() > deadline:
                     break
-        except KeyboardInterrupt:
-            self.stop()
+        except KeyboardInterrupt as interrupt:
+            self._request_stop(getattr(interrupt, "reason", None) or "stopped by request (Ctrl-C)")
+            self._wait_for_the_end()
         finally:
+            restore()
             if bar:
                 bar.update()
                 bar.close()
         return self.result()
+
+    def _wait_for_the_end(self) -> None:
+        """Wait for the monitor to finalize the run; a second interrupt only hurries it."""
+        while True:
+            try:
+                self._done.wait(60)
+                return
+            except KeyboardInterrupt:
+                self._hurry = True
 
     def __repr__(self) -> str:
         return f"<Run {self.run_dir} {self.status}>"
@@ -257,19 +297,48 @@ class _RankWatch:
         self.tail = MetricsTail(run, offset)  # a resumed run keeps its earlier attempts' events: skip them
         self.pids: dict[int, int] = {}
         self.ended: set[int] = set()
+        self.finished: set[int] = set()
+        self.last_step: dict[int, int] = {}
         self.died: list[tuple[int, str]] = []  # in the order the guards reported them
         self.host = socket.gethostname()
+
+    def all_finished(self, world: int, total_steps: int | None) -> bool:
+        """Has each of the ``world`` ranks said ``finished``, or logged step ``total_steps``?"""
+        self.poll()
+        return all(rank in self.finished or (total_steps is not None and self.last_step.get(rank, -1) >= total_steps)
+                   for rank in range(world))
+
+    def silent(self) -> dict[int, str]:
+        """Ranks whose process runs but that have said nothing final: their state."""
+        out = {}
+        for rank, pid in sorted(self.pids.items()):
+            state = _state(pid) if rank not in self.ended else None
+            if state in ("T", "t"):
+                out[rank] = "its process was stopped and never continued"
+            elif state is not None and state != "Z":
+                out[rank] = "its process runs but sends nothing"
+        return out
+
+    def only_stopped_left(self) -> bool:
+        """Is every rank still running one that is stopped (SIGSTOP), and so will never notice?"""
+        left = [pid for rank, pid in self.pids.items() if rank not in self.ended and _alive(pid)]
+        return bool(left) and all(_state(pid) in ("T", "t") for pid in left)
 
     def poll(self) -> list[tuple[int, str]]:
         """(rank, how) of the ranks that died: first those their guards reported, in order,
         then those whose process vanished without saying goodbye."""
         for record in self.tail.read():
+            if record.get("kind") == "train" and isinstance(record.get("step"), int):
+                rank = record.get("rank")
+                self.last_step[rank] = max(self.last_step.get(rank, -1), record["step"])
             if record.get("kind") != "event":
                 continue
             if record.get("event") == "started" and record.get("host") == self.host:
                 self.pids[record["rank"]] = record["pid"]
             elif record.get("event") in ("finished", "error", "stopped"):
                 self.ended.add(record["rank"])
+                if record["event"] == "finished":
+                    self.finished.add(record["rank"])
             elif record.get("event") == "rank_died":  # reported by the rank's guard
                 self.died.append((record["rank"], record["detail"]))
         vanished = [(rank, "its process vanished") for rank, pid in sorted(self.pids.items())
@@ -278,23 +347,114 @@ class _RankWatch:
 
 
 def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (R, S, T, Z, ...), or None when there is none."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _total_steps(config) -> int | None:
+    try:
+        from ..data import train_size
+
+        return config.total_steps(train_size(config.dataset, config.data_dir))
+    except Exception:  # noqa: BLE001 - only used to tell a finished run; the events tell it too
+        return None
+
+
+# --- the end of the launching process or thread ------------------------------------------
+_LIVE: "weakref.WeakSet[Run]" = weakref.WeakSet()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the process waiting on a run: it stops the run as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.reason = f"the process that launched the run received {signal.Signals(signum).name}"
+
+
+def _catch_termination():
+    """While ``wait()`` blocks the main thread, SIGTERM and SIGHUP stop the run (with their
+    name as the reason) instead of killing this process under it; returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def on_signal(signum, frame):
+        raise _Terminated(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                previous[sig] = signal.signal(sig, on_signal)
+        except (ValueError, OSError):
+            pass
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return restore
+
+
+@atexit.register
+def _stop_live_runs() -> None:
+    """The interpreter is exiting with runs still going: stop and finalize each."""
+    runs = [run for run in list(_LIVE) if not run.done()]
+    for run in runs:
+        run._request_stop("the Python process that launched the run exited")
+    for run in runs:
+        run._done.wait(30)
+
+
+class _Spawner:
+    """One daemon thread, alive as long as this process, from which the ranks are started.
+
+    PR_SET_PDEATHSIG (the kernel ends a child when its parent goes) follows the *thread*
+    that forked the child: ranks started from a notebook's worker thread would be killed
+    the moment that thread ended. Started from here, they end only with the process."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn, *args):
+        if threading.current_thread() is threading.main_thread():
+            return fn(*args)  # the main thread lives as long as the process
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="labkit-spawner", daemon=True)
+                self._thread.start()
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+
+
+_SPAWNER = _Spawner()
 
 
 # settings a resumed run must share with its checkpoint: the weights' shapes and the way
 # they are split and kept in step depend on them (others, such as --lr, may change)
 FIXED_ON_RESUME = ("model", "dataset", "sync", "workers", "parallelism", "data_parallel",
                    "pipeline_stages", "tensor_parallel")
-LOCK_NAME = ".lock"
-
-
-def resume_command(run_dir) -> str:
-    """The command that resumes ``run_dir``, quoted for the shell (spaces, quotes, $)."""
-    return f"labkit train --run-dir {shlex.quote(str(run_dir))} --resume"
+__all__ = ["LOCK_NAME", "Run", "RunResult", "launch", "prepare_run_dir", "resume_command", "train"]
 
 
 def lock_run_dir(run: RunDir, option: str, claim: bool = True) -> int:
@@ -432,7 +592,11 @@ def launch(config) -> Run:
     config, run, lock = _prepare(config)
     try:
         offset = MetricsTail(run, offset=None).offset
-        job = LAUNCHERS.get(config.launcher)(config, run)
+        try:  # the ranks watch this process, and whoever reads the run after it is gone finalizes it
+            run.update_config(launched_by=process_identity())
+        except OSError as e:
+            raise ConfigError("--run-dir", f"cannot write {e.filename or run.path}: {e.strerror or e}") from None
+        job = _SPAWNER.call(LAUNCHERS.get(config.launcher), config, run)
     except BaseException:
         unlock(lock)
         raise
