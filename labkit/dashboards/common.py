@@ -51,7 +51,10 @@ def runs_dir() -> Path:
 
 
 def results_dir(name: str) -> Path:
-    """Where a dashboard keeps what it measured, so the next visit starts from it."""
+    """Where a dashboard keeps what it measured, so the next visit starts from it:
+    $LABKIT_DASHBOARDS_DIR/<name>, else <labkit's cache>/dashboards/<name>."""
+    if os.environ.get("LABKIT_DASHBOARDS_DIR"):
+        return Path(os.environ["LABKIT_DASHBOARDS_DIR"]) / name
     from ..data import cache_dir
 
     return cache_dir() / "dashboards" / name
