@@ -74,6 +74,16 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
+def _significant(obj, digits: int = 6):
+    if isinstance(obj, float) and math.isfinite(obj):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _significant(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_significant(v, digits) for v in obj]
+    return obj
+
+
 def _clean(obj):
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -180,7 +190,9 @@ class RunDir:
 
     # summary
     def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary_path, summary)
+        """Write ``summary.json``; measured numbers are kept to six significant digits (what
+        a timing or an accuracy means, not the 16 digits of a float)."""
+        atomic_write_json(self.summary_path, _significant(summary))
 
     def read_summary(self) -> dict | None:
         try:
