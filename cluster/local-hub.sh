@@ -26,7 +26,7 @@ export LABKIT_HUB_AUTH=shared LABKIT_HUB_SERVER_IP=127.0.0.1 LABKIT_HUB_CONNECT_
 [ -z "${SLURM_CONF:-}" ] && [ -s "$here/state/slurm.conf" ] && export SLURM_CONF="$here/state/slurm.conf"
 
 say() { echo "local-hub: $*"; }
-fail() { echo "local-hub: $*" >&2; exit "${2:-3}"; }
+fail() { echo "local-hub: $1" >&2; exit "${2:-3}"; }
 need_root() { [ "$(id -u)" = 0 ] || fail "must run as root (the hub submits each student's job as that student); as another user: sudo $0 $1" 2; }
 
 alive_cmd() {  # pid word: is pid alive, not a zombie, and does its command line contain word?
