@@ -50,6 +50,7 @@ from .base import die_with_parent, host_cores
 
 SIZE_ENV = "LABKIT_WARM_RANKS"
 MIN_SIZE, MAX_SIZE = 4, 16
+MAX_FAILED_STARTS = 3  # processes that died before they were ready, in a row: the pool gives up
 RANK_MEMORY_BYTES = 400 * 2**20  # what one waiting rank holds (torch and labkit imported), with room
 READY = "labkit-warm-rank ready"
 SERVE = "from labkit.launch.pool import serve; serve()"
@@ -154,6 +155,7 @@ class WarmPool:
         self.size = size
         self.env = dict(os.environ)  # the owner's environment the waiting processes started in
         self.closed = False
+        self.failed_starts = 0  # waiting processes that died before saying ready, in a row
         self._waiting: list[_Waiting] = []
         self._handed: list[subprocess.Popen] = []  # warm processes now running ranks
         self._lock = threading.Lock()
@@ -243,8 +245,14 @@ class WarmPool:
             waiting.check_ready()
         alive = [w for w in self._waiting if w.proc.poll() is None]
         for gone in set(self._waiting) - set(alive):
+            self.failed_starts = 0 if gone.ready else self.failed_starts + 1
             _end(gone.proc)
+        if any(w.ready for w in alive):
+            self.failed_starts = 0
         self._waiting = alive
+        if self.failed_starts >= MAX_FAILED_STARTS:  # they cannot import labkit: stop trying
+            self.closed = True
+            return
         env = dict(os.environ)
         if env != self.env:
             for w in self._waiting:
