@@ -45,10 +45,9 @@ def test_a_run_from_the_pool_gives_the_same_weights_as_a_cold_run(tmp_path):
     config = RunConfig(workers=2, steps=6, batch_size=16, log_every=1, eval_every=10**6, checkpoint_every=0)
     cold = launch(config.replace(run_dir=str(tmp_path / "cold")))
     assert cold.job.warm == 0
-    assert cold.wait(timeout=120).status == "completed"
-
-    pool = start_pool(2)
+    pool = start_pool(2)  # its processes start while the cold run goes (the cold run's ranks are all started)
     try:
+        assert cold.wait(timeout=120).status == "completed"
         assert pool.wait_ready(timeout=120), pool
         waiting = pool.pids()
         warm = launch(config.replace(run_dir=str(tmp_path / "warm")))

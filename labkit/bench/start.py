@@ -116,7 +116,9 @@ def measure(workers: int = WORKERS, steps: int = STEPS, root: str | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="labkit bench start", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="labkit bench start", description="From Start to the first step of a local run, with cold ranks "
+        "and with warm ones (the same weights, checked), and the time of labkit train --help.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"ranks of each run (default {WORKERS})")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"steps of each run (default {STEPS})")
