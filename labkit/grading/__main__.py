@@ -3,12 +3,31 @@
 import argparse
 import sys
 
-from .pipeline import GradingError, grade_course
+from .pipeline import GradingError, default_jobs, grade_course
+
+PROG = "python -m labkit.grading"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage and a message
+        print(f"labkit.grading: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_jobs(text):
+    """--jobs: a whole number of 1 or more."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of notebooks at once is needed, not {text!r}") from None
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 notebook at once is needed, not {jobs}")
+    return jobs
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m labkit.grading",
+    parser = _Parser(
+        prog=PROG,
         description="Release, autograde and give feedback on every submission in "
         "COURSE/submitted/<student>/<assignment>/, then print the scores and write them as CSV.",
     )
@@ -18,11 +37,18 @@ def main(argv=None):
                         help="grade only this assignment (repeatable; default: all handed in)")
     parser.add_argument("--force", action="store_true",
                         help="grade again notebooks that were graded already")
+    parser.add_argument("--jobs", "-j", type=parse_jobs, default=None, metavar="N",
+                        help=f"notebooks graded at once (default: one per core, here {default_jobs()})")
+    parser.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
+                        help="a progress bar, or one line per notebook graded "
+                        "(default: a bar when stderr is a terminal)")
     parser.add_argument("--csv", metavar="PATH",
                         help="where to write the scores (default: COURSE/grades.csv)")
     args = parser.parse_args(argv)
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     try:
-        grade_course(args.course, args.assignment, force=args.force, csv_path=args.csv)
+        grade_course(args.course, args.assignment, force=args.force, csv_path=args.csv,
+                     jobs=args.jobs, progress=progress)
     except GradingError as error:
         print(f"labkit.grading: error: {error}", file=sys.stderr)
         return 2

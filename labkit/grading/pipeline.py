@@ -6,10 +6,12 @@ Every step is nbgrader's own command or API on nbgrader's own layout:
 2. ``nbgrader generate_assignment --force`` for each assignment handed in: the release, and the
    gradebook's copy of the instructor's cells (created on the first run) that autograding
    restores test cells from;
-3. add every student found to the gradebook;
-4. ``nbgrader autograde``, one notebook per run, each run in a process of its own (a fork of
-   this one: nbgrader is imported once), with limits;
-5. ``nbgrader generate_feedback --force``;
+3. add every student found to the gradebook, and create every submission in it;
+4. ``nbgrader autograde``, one notebook per run, ``--jobs`` runs at once (default: one per core),
+   each in a process of its own (a fork of this one: nbgrader is imported once) with limits and
+   its own copy of the gradebook, merged back by this process alone when the run ends
+   (gradebook.py); a progress bar, or one line per notebook, shows each score as it comes;
+5. ``nbgrader generate_feedback --force``, one submission per run, as many at once;
 6. the score table (scores.py), printed and written as CSV.
 
 Each autograde run gets a wall-clock limit (``GradingLimits.notebook_timeout``; past it the run is
@@ -17,13 +19,16 @@ killed and the notebook scores zero), an address-space limit inherited by the ke
 starts (``GradingLimits.memory_limit_mb``; a memory blowup becomes a MemoryError in the
 student's cell), and a fresh token in its environment: when the run ends every process carrying
 it, whatever session it moved to, is killed (processes.py). Inside the run, GuardedExecute
-(execute.py) keeps a dead or stuck kernel from stopping the notebook or passing its tests.
+(execute.py) keeps a dead or stuck kernel from stopping the notebook or passing its tests. A run
+that hangs or crashes holds its own slot only; the scores do not depend on ``--jobs``.
 """
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from sqlalchemy.exc import SAWarning
 from traitlets import Integer
 from traitlets.config import Configurable, PyFileConfigLoader
 
+from .gradebook import GradebookCopies
 from .processes import TOKEN_VARIABLE, kill_processes_with_token, new_token
 from .scores import format_table, score_rows, write_csv
 
@@ -78,6 +84,7 @@ class NotebookRun:
     seconds: float = 0.0
     problem: str = ""  # why it was not graded, or "" when it was
     leftovers: int = 0  # processes it left behind, killed afterwards
+    outcome: str = ""  # what happened, in words
     notes: list = field(default_factory=list)
 
 
@@ -149,8 +156,25 @@ class Course:
         return submissions
 
 
-def grade_course(course_dir, assignments=(), force=False, csv_path=None):
-    """Run the whole pipeline; return the score rows (see scores.py)."""
+def default_jobs():
+    """How many notebooks to grade at once by default: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def grade_course(course_dir, assignments=(), force=False, csv_path=None, jobs=None, progress=None):
+    """Run the whole pipeline; return the score rows (see scores.py).
+
+    ``jobs`` notebooks are graded at once (default: one per core), each in a process of its own
+    under the course's limits, with its own copy of the gradebook; this process alone writes the
+    course's gradebook, merging each copy's grades as its run ends (gradebook.py). ``progress``:
+    a bar (tqdm) or one line per notebook; default: a bar when stderr is a terminal.
+    """
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise GradingError(f"--jobs must be 1 or more, not {jobs}")
     # nbgrader's gradebook runs the `alembic` command of its own environment (nbgrader.api),
     # which is not on PATH when this runs as .venv/bin/python without the venv activated.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -166,20 +190,27 @@ def grade_course(course_dir, assignments=(), force=False, csv_path=None):
     with Gradebook(course.dirs.db_url, course.dirs.course_id) as gradebook:
         for student in sorted({s.student for s in submissions}):
             gradebook.update_or_create_student(student)
+        # Every submission exists before any run starts, so that the copies the runs write
+        # share its ids with the course's gradebook (and the merge is row for row).
+        for sub in submissions:
+            folder = course.path("submitted", sub.student, sub.assignment)
+            timestamp = course.dirs.get_existing_timestamp(str(folder))
+            gradebook.update_or_create_submission(
+                sub.assignment, sub.student, **({"timestamp": timestamp} if timestamp else {}))
 
-    runs = []
-    for submission in submissions:
-        for notebook in submission.notebooks:
-            runs.append(autograde(course, submission, notebook, force))
-        for notebook in submission.missing:
-            runs.append(NotebookRun(submission.student, submission.assignment, notebook,
-                                    problem="not handed in"))
-    for run in runs:
-        if run.problem:
-            zero_notebook(course, run)
-
-    for assignment in handed_in:
-        nbgrader(course, "generate_feedback", assignment, "--force", required=False)
+    tasks = [(submission, notebook) for submission in submissions for notebook in submission.notebooks]
+    with tempfile.TemporaryDirectory(prefix="labkit-grading-") as scratch:
+        store = GradebookCopies(course.dirs.db_url, scratch)
+        runs = run_all(course, tasks, jobs, force, store, progress)
+        for submission in submissions:
+            for notebook in submission.missing:
+                runs.append(NotebookRun(submission.student, submission.assignment, notebook,
+                                        problem="not handed in"))
+        for run in runs:
+            if run.problem:
+                zero_notebook(course, run)
+        graded = sorted({(r.assignment, r.student) for r in runs if not r.problem})
+        feedback_all(course, graded, jobs, store)
 
     rows = score_rows(course, submissions, runs)
     print(format_table(rows))
@@ -191,7 +222,10 @@ def grade_course(course_dir, assignments=(), force=False, csv_path=None):
 
 def nbgrader(course, *args, required=True):
     """Run ``nbgrader ARGS`` in the course directory; its errors go to stderr."""
-    returncode = _run_nbgrader(course, args)
+    _say("$ nbgrader " + " ".join(args))
+    child = _start_nbgrader(course, args)
+    child.join()
+    returncode = child.exitcode
     if returncode != 0:
         message = f"nbgrader {' '.join(args)} failed (exit {returncode}; messages above)"
         if required:
@@ -199,42 +233,173 @@ def nbgrader(course, *args, required=True):
         _say(f"warning: {message}")
 
 
-def autograde(course, submission, notebook, force=False):
-    """``nbgrader autograde`` of one notebook, in a process of its own, under the course's limits."""
-    run = NotebookRun(submission.student, submission.assignment, notebook)
+@dataclass
+class _Slot:
+    """One ``nbgrader autograde`` run in progress."""
+
+    run: NotebookRun
+    child: multiprocessing.Process
+    token: str
+    deadline: float
+    started: float
+    graded: Path
+    graded_before: float
+    copy: str
+
+
+def run_all(course, tasks, jobs, force, store, progress=None):
+    """Autograde every (submission, notebook) of ``tasks``, ``jobs`` at a time; the runs, in order.
+
+    Each run is a forked child of this process with a fresh token, the course's memory limit and
+    a deadline; a child past its deadline is killed, and whatever any run left behind is killed
+    when it ends. A run that hangs or crashes holds only its own slot.
+    """
+    runs = [None] * len(tasks)
+    waiting = list(enumerate(tasks))
+    active = {}
+    bar = _Progress(len(tasks), progress)
     limit = course.limits.notebook_timeout
-    args = ["autograde", submission.assignment, f"--student={submission.student}",
-            f"--notebook={notebook}", *(["--force"] if force else [])]
-    graded = course.path("autograded", submission.student, submission.assignment) / f"{notebook}.ipynb"
-    graded_before = graded.stat().st_mtime if graded.is_file() else None
-    token = new_token()
-    start = time.monotonic()
     try:
-        returncode = _run_nbgrader(course, args, token, limit, course.limits.memory_limit_mb)
-    finally:
-        run.leftovers = kill_processes_with_token(token)
-    run.seconds = time.monotonic() - start
-    if returncode is None:
+        while waiting or active:
+            while waiting and len(active) < jobs:
+                index, (submission, notebook) = waiting.pop(0)
+                active[index] = _start_autograde(course, submission, notebook, force, store, limit)
+            now = time.monotonic()
+            timeout = max(0.0, min(slot.deadline for slot in active.values()) - now)
+            # a child's sentinel may turn ready before it has exited (a grading run can close
+            # inherited descriptors): whether it is done is asked of the process itself
+            multiprocessing.connection.wait([s.child.sentinel for s in active.values()], min(timeout, 1.0))
+            now = time.monotonic()
+            for index, slot in list(active.items()):
+                if not slot.child.is_alive() or now >= slot.deadline:
+                    del active[index]
+                    runs[index] = _finish_autograde(course, slot, store, limit)
+                    bar.done(runs[index], _score_line(course, runs[index]))
+    finally:  # also when this process is interrupted: nothing a run started outlives it
+        for slot in active.values():
+            if slot.child.is_alive():
+                slot.child.kill()
+            slot.child.join()
+            kill_processes_with_token(slot.token)
+        bar.close()
+    return runs
+
+
+def _start_autograde(course, submission, notebook, force, store, limit):
+    run = NotebookRun(submission.student, submission.assignment, notebook)
+    graded = course.path("autograded", submission.student, submission.assignment) / f"{notebook}.ipynb"
+    copy = store.new_copy()
+    args = ["autograde", submission.assignment, f"--student={submission.student}",
+            f"--notebook={notebook}", *(["--force"] if force else []), *store.args(copy)]
+    token = new_token()
+    started = time.monotonic()
+    child = _start_nbgrader(course, args, token, course.limits.memory_limit_mb)
+    return _Slot(run, child, token, started + limit, started, graded,
+                 graded.stat().st_mtime if graded.is_file() else None, copy)
+
+
+def _finish_autograde(course, slot, store, limit):
+    """End one run: kill it if it is still going, kill what it left, merge its grades."""
+    run, child = slot.run, slot.child
+    timed_out = child.is_alive()
+    if timed_out:
+        child.kill()
+    child.join()
+    run.leftovers = kill_processes_with_token(slot.token)
+    run.seconds = time.monotonic() - slot.started
+    if timed_out:
         run.problem = f"time limit: stopped after {limit} s"
-    elif returncode != 0 or not graded.is_file():
-        run.problem = f"not graded: nbgrader autograde failed (exit {returncode})"
+    elif child.exitcode != 0 or not slot.graded.is_file():
+        run.problem = f"not graded: nbgrader autograde failed (exit {child.exitcode})"
     if run.problem:
-        graded.unlink(missing_ok=True)  # a half-graded notebook must not become feedback
-        outcome = run.problem
-    elif graded.stat().st_mtime == graded_before:
-        outcome = "already graded; --force grades it again"
+        slot.graded.unlink(missing_ok=True)  # a half-graded notebook must not become feedback
+        run.outcome = run.problem
     else:
-        outcome = "graded"
+        store.merge(slot.copy, run.assignment, run.student, run.notebook)
+        unchanged = slot.graded.stat().st_mtime == slot.graded_before
+        run.outcome = "already graded; --force grades it again" if unchanged else "graded"
+    store.discard(slot.copy)
     if run.leftovers:
-        outcome += f"; killed {run.leftovers} leftover process(es)"
-    _say(f"  {submission.student}/{submission.assignment}/{notebook}: {outcome} "
-         f"({run.seconds:.1f} s)")
+        run.outcome += f"; killed {run.leftovers} leftover process(es)"
     return run
 
 
-def _run_nbgrader(course, args, token=None, timeout=None, memory_limit_mb=0):
-    """``nbgrader ARGS`` in a forked child of this process; its exit code, or None if it ran past
-    ``timeout`` seconds and was killed.
+def _score_line(course, run):
+    """One line of the running score table."""
+    score = "-" if run.problem else store_score(course, run)
+    return (f"{run.student:<14} {run.assignment}/{run.notebook:<20} {score:>12}  "
+            f"{run.outcome} ({run.seconds:.1f} s)")
+
+
+def store_score(course, run):
+    """'7 / 9' (and how many points await grading by hand) of a graded notebook, from the gradebook."""
+    with Gradebook(course.dirs.db_url, course.dirs.course_id) as gradebook:
+        notebook = gradebook.find_submission_notebook(run.notebook, run.assignment, run.student)
+        text = f"{notebook.score:g} / {notebook.max_score:g}"
+        if notebook.needs_manual_grade:
+            text += " +?"
+    return text
+
+
+class _Progress:
+    """A progress bar (tqdm) on a terminal, else one numbered line per notebook graded."""
+
+    def __init__(self, total, bar=None):
+        self.total, self.count = total, 0
+        self.bar = None
+        if (sys.stderr.isatty() if bar is None else bar) and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="notebook", file=sys.stderr, dynamic_ncols=True)
+
+    def done(self, run, line):
+        self.count += 1
+        line = f"  [{self.count:>{len(str(self.total))}}/{self.total}] {line}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+            self.bar.update(1)
+        else:
+            _say(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def feedback_all(course, graded, jobs, store):
+    """``nbgrader generate_feedback --force`` for every graded (assignment, student), ``jobs`` at a
+    time, each run reading its own copy of the final gradebook."""
+    if not graded:
+        return
+    _say(f"$ nbgrader generate_feedback --force ({len(graded)} submission(s), {jobs} at a time)")
+    waiting, active, failed = list(graded), {}, []
+    store.snapshot()
+    try:
+        while waiting or active:
+            while waiting and len(active) < jobs:
+                assignment, student = waiting.pop(0)
+                copy = store.new_copy()
+                args = ["generate_feedback", assignment, f"--student={student}", "--force", *store.args(copy)]
+                active[(assignment, student)] = (_start_nbgrader(course, args), copy)
+            multiprocessing.connection.wait([c.sentinel for c, _ in active.values()], 1.0)
+            for key, (child, copy) in list(active.items()):
+                if not child.is_alive():
+                    child.join()
+                    store.discard(copy)
+                    del active[key]
+                    if child.exitcode != 0:
+                        failed.append(f"{key[1]}/{key[0]}")
+    finally:
+        for child, _ in active.values():
+            if child.is_alive():
+                child.kill()
+            child.join()
+    if failed:
+        _say(f"warning: nbgrader generate_feedback failed for {', '.join(failed)} (messages above)")
+
+
+def _start_nbgrader(course, args, token=None, memory_limit_mb=0):
+    """``nbgrader ARGS`` in a forked child of this process, started.
 
     nbgrader is imported here once, before the fork, instead of once per run; whatever goes
     wrong in a run stays in its child. The child puts ``token`` in its environment, for all it
@@ -242,19 +407,11 @@ def _run_nbgrader(course, args, token=None, timeout=None, memory_limit_mb=0):
     """
     from nbgrader.apps.nbgraderapp import NbGraderApp
 
-    _say("$ nbgrader " + " ".join(args))
     child = multiprocessing.get_context("fork").Process(
         target=_nbgrader_child, args=(NbGraderApp, course.root, args, token, memory_limit_mb)
     )
     child.start()
-    try:
-        child.join(timeout)
-        timed_out = child.is_alive()
-    finally:  # also when this process is interrupted
-        if child.is_alive():
-            child.kill()
-            child.join()
-    return None if timed_out else child.exitcode
+    return child
 
 
 def _nbgrader_child(app, root, args, token, memory_limit_mb):

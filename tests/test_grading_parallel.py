@@ -1,0 +1,97 @@
+"""Grading in parallel (python -m labkit.grading --jobs N): the same score table as one at a time.
+
+A small class of ps0_warmup (perfect, a cell that hangs, a kernel that crashes) is graded with
+--jobs 1 and with --jobs 3 in two copies of the course, with short limits; the two
+CSVs must be identical, row for row and note for note, and the parallel run must show its
+running score table. Bad --jobs and a missing course directory end in one line and exit 2.
+"""
+
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from .test_grading import ASSIGNMENT, NOTEBOOK, ROOT, copy_course, grade, hand_in, run, solutions, submission
+
+CELL_TIMEOUT = 20
+
+
+def small_class(release):
+    good = solutions()
+    hang = {**good, "ring": "import time\n\ntime.sleep(1000)\n\n" + good["ring"]}
+    crash = {**good, "sgd": "import os\n\n" + good["sgd"].replace(
+        "    gradients = [", "    os._exit(1)\n    gradients = [")}
+    return {
+        "perfect": submission(release, good),
+        "hang": submission(release, hang),
+        "crash": submission(release, crash),
+    }
+
+
+@pytest.fixture(scope="module")
+def release():
+    with tempfile.TemporaryDirectory(prefix="labkit-grading-") as folder:
+        course = copy_course(Path(folder) / "course")
+        result = run(sys.executable, "-m", "nbgrader", "generate_assignment", ASSIGNMENT, cwd=course)
+        assert result.returncode == 0, result.stderr
+        return nbformat.read(course / "release" / ASSIGNMENT / NOTEBOOK, as_version=4)
+
+
+@pytest.fixture(scope="module")
+def both(release):
+    """The class graded one at a time and three at a time: {jobs: (result, csv text, rows, seconds)}."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="labkit-grading-") as folder:
+        for jobs in (1, 3):
+            course = copy_course(Path(folder) / f"course-{jobs}", cell_timeout=CELL_TIMEOUT, notebook_timeout=120)
+            for student, notebook in small_class(release).items():
+                hand_in(course, student, notebook)
+            start = time.monotonic()
+            result = grade(course, "--jobs", str(jobs))
+            seconds = time.monotonic() - start
+            assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+            text = (course / "grades.csv").read_text()
+            with open(course / "grades.csv", newline="") as file:
+                rows = {row["student"]: row for row in csv.DictReader(file)}
+            out[jobs] = (result, text, rows, seconds)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_parallel_scores_are_the_serial_ones(both):
+    serial, parallel = both[1], both[3]
+    print(f"--jobs 1: {serial[3]:.0f} s, --jobs 3: {parallel[3]:.0f} s")
+    assert parallel[1] == serial[1]  # the whole CSV: scores, problems, notes
+    rows = serial[2]
+    assert rows["perfect"]["score"] == "7"
+    assert "timed out (ring)" in rows["hang"]["notes"] and rows["hang"]["score"] == "3"
+    assert "kernel died (test_sgd, test_sgd_hidden)" in rows["crash"]["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_running_score_table_shows_every_notebook(both):
+    result = both[3][0]
+    lines = [line for line in result.stderr.splitlines() if line.lstrip().startswith("[")]
+    assert len(lines) == 3, result.stderr
+    assert [line.split("]")[0].strip() + "]" for line in lines] == [f"[{i}/3]" for i in range(1, 4)]
+    perfect = next(line for line in lines if " perfect " in line)
+    assert "7 / 9 +?" in perfect and "graded" in perfect
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0"], "at least 1 notebook at once is needed, not 0"),
+    (["--jobs", "abc"], "a whole number of notebooks at once is needed, not 'abc'"),
+    (["--course", "/nowhere/course"], "course directory /nowhere/course not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run(sys.executable, "-m", "labkit.grading", *args, cwd=ROOT, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("labkit.grading: error: "), lines
+    assert lines[0].endswith(message), lines
