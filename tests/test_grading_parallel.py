@@ -15,7 +15,17 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from .test_grading import ASSIGNMENT, NOTEBOOK, ROOT, copy_course, grade, hand_in, run, solutions, submission
+from .test_grading import (
+    ASSIGNMENT,
+    NOTEBOOK,
+    ROOT,
+    copy_course,
+    grade,
+    hand_in,
+    run,
+    solutions,
+    submission,
+)
 
 CELL_TIMEOUT = 20
 
