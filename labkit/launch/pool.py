@@ -313,15 +313,16 @@ def serve() -> None:
     """The life of a warm process: import, say ready, wait for a rank, become it, run it."""
     import logging
     import signal
-
-    fresh_handlers = {s: signal.getsignal(s) for s in signal.valid_signals()}
-    fresh_logging = (list(logging.root.handlers), logging.root.level)
-    fresh_warnings = list(__import__("warnings").filters)
+    import warnings
 
     import torch
 
-    fresh_torch_rng = torch.random.get_rng_state()
     _import_rank_modules()
+    # the state a cold rank has once it has imported the same modules (they do it too)
+    fresh_handlers = {n: signal.getsignal(n) for n in signal.valid_signals()}
+    fresh_logging = (list(logging.root.handlers), logging.root.level)
+    fresh_warnings = list(warnings.filters)
+    fresh_torch_rng = torch.random.get_rng_state()
     print(READY, flush=True)
     line = sys.stdin.buffer.readline()
     if not line:
@@ -342,7 +343,7 @@ def serve() -> None:
             pass
     logging.root.handlers[:] = fresh_logging[0]
     logging.root.setLevel(fresh_logging[1])
-    __import__("warnings").filters[:] = fresh_warnings
+    warnings.filters[:] = fresh_warnings
     threads = os.environ.get("OMP_NUM_THREADS", "").strip()
     if threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
