@@ -71,8 +71,8 @@ c.LabkitSlurmSpawner.req_partition = env("LABKIT_HUB_PARTITION", "")
 c.LabkitSlurmSpawner.req_prologue = (f"export VIRTUAL_ENV={venv} PATH={venv}/bin:$PATH; "
                                      "unset SLURM_CPU_BIND SLURM_CPU_BIND_LIST SLURM_CPU_BIND_TYPE")
 c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "SLURM_CONF", "LABKIT_CACHE_DIR", "LABKIT_SLURM_TIME",
-                      "LABKIT_SBATCH_EXTRA", "LABKIT_RUNS_DIR"]
-c.Spawner.environment = {"LABKIT_LAUNCHER": "slurm"}  # the course's multi-rank cells use SLURM too
+                      "LABKIT_SBATCH_EXTRA", "LABKIT_RUNS_DIR",
+                      "LABKIT_LAUNCHER"]
 c.Spawner.default_url = "/lab"
 c.Spawner.notebook_dir = "~"
 # Queue waits can be longer than the spawn timeout (batchspawner #88): the hub waits this long;
