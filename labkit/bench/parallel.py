@@ -2,7 +2,7 @@
 
 For data parallelism (naive, flat, bucketed, and torch DDP timed beside them in the same
 run), model, pipeline (GPipe and 1F1B), tensor and, with 4 or more ranks, hybrid grids:
-the median step time, the bubble (measured: the idle share of the step, averaged over the
+the median step time (and the CPU time of each rank's main thread), the bubble (measured: the idle share of the step, averaged over the
 ranks; and the formula (p−1)/(m+p−1)), the bytes each rank sends per step and the bytes
 of parameters each rank holds. Then the Knights Landing core groups: one epoch of digits
 against the number of groups this machine's cores allow.
@@ -46,10 +46,33 @@ def _comms(parallel) -> list:
     return out
 
 
-def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -> dict:
-    """Run on every rank (through ``spawn.run_ranks``): each case in turn, the same batches."""
+def _ddp_case(comm, model, batch: int, bucket_mb: float):
+    """torch DDP on ``model``: (step function, result row) for the rows of this rank."""
     from torch.nn.parallel import DistributedDataParallel
 
+    ddp = DistributedDataParallel(model, process_group=comm.group, bucket_cap_mb=bucket_mb)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    rows = slice(comm.rank * batch // comm.size, (comm.rank + 1) * batch // comm.size)
+
+    def step(x, y):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[rows]), y[rows]).backward()
+        optimizer.step()
+
+    n, nbytes = comm.size, sum(p.numel() * p.element_size() for p in model.parameters())
+    row = {"grid": f"{n}x1x1", "bytes_per_step": 2 * (n - 1) * nbytes // n, "param_bytes": nbytes,
+           "bubble": None, "bubble_model": None, "note": "bytes: the ring's 2(N-1)/N"}
+    return step, row
+
+
+def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -> dict:
+    """Run on every rank (through ``spawn.run_ranks``): each case in turn, the same batches.
+
+    Bucketed data parallelism and torch DDP are timed side by side: their steps alternate
+    (each goes first every other step), so a change of load on the machine slows both alike.
+    Beside the wall time of a step, the CPU time of the rank's main thread (``thread_time``):
+    the work each does itself, which other processes on the machine do not stretch.
+    """
     from ..parallel.build import ParallelModel
     from ..parallel.reference import make_mlp
 
@@ -58,49 +81,63 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -
     ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
     warmup = min(3, steps - 1)
     results = {}
-    for name, settings in _cases(comm.size, microbatches).items():
-        model = make_mlp(hidden=hidden)
-        if settings is None:  # torch DDP on the same model and data
-            ddp = DistributedDataParallel(model, process_group=comm.group, bucket_cap_mb=1.0)
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
-            rows = slice(comm.rank * batch // comm.size, (comm.rank + 1) * batch // comm.size)
-            times = []
-            for x, y in zip(xs, ys):
+    cases = _cases(comm.size, microbatches)
+    side_by_side = ("data bucketed", "torch DDP")
+    for name in cases:
+        if name == "torch DDP":
+            continue  # timed with data bucketed
+        runs = {}  # name -> (step, parallel model or None, row)
+        for who in (side_by_side if name == "data bucketed" else (name,)):
+            model = make_mlp(hidden=hidden)
+            if who == "torch DDP":
+                step, row = _ddp_case(comm, model, batch, cases["data bucketed"]["bucket_mb"])
+                runs[who] = (step, None, row)
+            else:
+                parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **cases[who])
+                runs[who] = (_parallel_step(parallel), parallel, None)
+        times = {who: [] for who in runs}
+        cpu = {who: [] for who in runs}
+        bubbles, sent = {who: [] for who in runs}, dict.fromkeys(runs, 0)
+        order = list(runs)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            for who in (order if i % 2 == 0 else order[::-1]):
+                step, parallel, _ = runs[who]
                 comm.barrier()
-                t0 = time.perf_counter()
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x[rows]), y[rows]).backward()
-                optimizer.step()
-                times.append(time.perf_counter() - t0)
-            n, nbytes = comm.size, sum(p.numel() * p.element_size() for p in model.parameters())
-            results[name] = {"step_s": statistics.median(times[warmup:]), "grid": f"{n}x1x1",
-                             "bytes_per_step": 2 * (n - 1) * nbytes // n, "param_bytes": nbytes,
-                             "bubble": None, "bubble_model": None, "note": "bytes: the ring's 2(N-1)/N"}
-            continue
-        parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **settings)
-        optimizer = torch.optim.SGD(parallel.parameters(), lr=0.01)
-        times, bubbles, sent = [], [], 0
-        for step, (x, y) in enumerate(zip(xs, ys)):
-            comm.barrier()
-            before = sum(c.stats.bytes_sent for c in _comms(parallel))
-            t0 = time.perf_counter()
-            optimizer.zero_grad()
-            parallel.forward_backward(x, y)
-            optimizer.step()
-            times.append(time.perf_counter() - t0)
-            if step >= warmup:
-                sent += sum(c.stats.bytes_sent for c in _comms(parallel)) - before
-                stats = parallel.pipeline_stats()
-                if stats:
-                    bubbles.append(stats["bubble_fraction"])
-        stats = parallel.pipeline_stats()
-        s = parallel.shape
-        results[name] = {"step_s": statistics.median(times[warmup:]), "grid": f"{s.data}x{s.pipeline}x{s.tensor}",
-                         "bytes_per_step": sent / (steps - warmup), "param_bytes": parallel.parameter_bytes(),
-                         "bubble": statistics.median(bubbles) if bubbles else None,
-                         "bubble_model": stats.get("bubble_fraction_model"),
-                         "stashed_peak": stats.get("stashed_peak"), "note": ""}
-    return results
+                before = sum(c.stats.bytes_sent for c in _comms(parallel)) if parallel else 0
+                t0, c0 = time.perf_counter(), time.thread_time()
+                step(x, y)
+                times[who].append(time.perf_counter() - t0)
+                cpu[who].append(time.thread_time() - c0)
+                if i >= warmup and parallel is not None:
+                    sent[who] += sum(c.stats.bytes_sent for c in _comms(parallel)) - before
+                    stats = parallel.pipeline_stats()
+                    if stats:
+                        bubbles[who].append(stats["bubble_fraction"])
+        for who, (_, parallel, row) in runs.items():
+            timing = {"step_s": statistics.median(times[who][warmup:]),
+                      "cpu_s": statistics.median(cpu[who][warmup:])}
+            if parallel is None:
+                results[who] = {**row, **timing}
+                continue
+            stats = parallel.pipeline_stats()
+            s = parallel.shape
+            results[who] = {**timing, "grid": f"{s.data}x{s.pipeline}x{s.tensor}",
+                            "bytes_per_step": sent[who] / (steps - warmup), "param_bytes": parallel.parameter_bytes(),
+                            "bubble": statistics.median(bubbles[who]) if bubbles[who] else None,
+                            "bubble_model": stats.get("bubble_fraction_model"),
+                            "stashed_peak": stats.get("stashed_peak"), "note": ""}
+    return {name: results[name] for name in cases}
+
+
+def _parallel_step(parallel):
+    optimizer = torch.optim.SGD(parallel.parameters(), lr=0.01)
+
+    def step(x, y):
+        optimizer.zero_grad()
+        parallel.forward_backward(x, y)
+        optimizer.step()
+
+    return step
 
 
 def combine(per_rank: list[dict]) -> list[dict]:
@@ -112,6 +149,7 @@ def combine(per_rank: list[dict]) -> list[dict]:
         bubbles = [c["bubble"] for c in cases if c["bubble"] is not None]
         rows.append({"parallelism": name, "grid": cases[0]["grid"],
                      "step_ms": 1000 * max(c["step_s"] for c in cases),
+                     "cpu_ms": 1000 * max(c["cpu_s"] for c in cases),
                      "bubble": statistics.mean(bubbles) if bubbles else None,
                      "bubble_model": cases[0]["bubble_model"],
                      "bytes_per_step_max": max(c["bytes_per_step"] for c in cases),
@@ -171,21 +209,23 @@ def main(argv: list[str]) -> int:
     bucketed = next(r for r in rows if r["parallelism"] == "data bucketed")
     out = {"workers": args.workers, "batch": args.batch, "model": f"mlp {hidden}", "steps": args.steps,
            "microbatches": args.microbatches, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
-           "rows": rows, "bucketed_over_ddp": bucketed["step_ms"] / ddp["step_ms"], "core_groups": groups}
+           "rows": rows, "bucketed_over_ddp": bucketed["step_ms"] / ddp["step_ms"],
+           "bucketed_over_ddp_cpu": bucketed["cpu_ms"] / ddp["cpu_ms"], "core_groups": groups}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"{args.workers} ranks, global batch {args.batch}, MLP 64-{'-'.join(map(str, hidden))}-10, "
           f"{args.microbatches} micro-batches, median of {args.steps - 3} steps (load average {out['load_average']:.1f})")
-    print(f"{'parallelism':<24} {'grid DxPxT':>10} {'step ms':>8} {'bubble':>7} {'(p-1)/(m+p-1)':>13} "
+    print(f"{'parallelism':<24} {'grid DxPxT':>10} {'step ms':>8} {'cpu ms':>7} {'bubble':>7} {'(p-1)/(m+p-1)':>13} "
           f"{'MiB sent/step':>13} {'param MiB/rank':>14}")
     for r in rows:
         params = f"{r['param_bytes_max'] / 2**20:.2f}"
         if r["param_bytes_min"] != r["param_bytes_max"]:
             params = f"{r['param_bytes_min'] / 2**20:.2f}-{params}"
-        print(f"{r['parallelism']:<24} {r['grid']:>10} {r['step_ms']:8.1f} {_fmt(r['bubble'], 7)} "
+        print(f"{r['parallelism']:<24} {r['grid']:>10} {r['step_ms']:8.1f} {r['cpu_ms']:7.1f} {_fmt(r['bubble'], 7)} "
               f"{_fmt(r['bubble_model'], 13)} {r['bytes_per_step_max'] / 2**20:13.2f} {params:>14}")
-    print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x")
+    print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x (timed side by side, steps "
+          f"alternating); main-thread CPU time: {out['bucketed_over_ddp_cpu']:.2f}x")
     if groups:
         print("\ncore groups (Knights Landing divide and conquer), one epoch of digits:")
         print(f"{'groups':>6} {'cores each':>12} {'epoch s':>8}")
