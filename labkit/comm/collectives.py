@@ -7,8 +7,8 @@ with the library's ``comm.allreduce`` (``labkit bench allreduce``) and can train
 - :func:`ring_allreduce`: reduce-scatter then allgather around a ring, 2(N-1) steps
   (the Horovod slide of "Chap. 12: Distributed & Parallel Computing for Deep Learning"),
   one blocking message at a time: the lesson.
-- :func:`fast_ring_allreduce`: the same ring, both ways at once and in segments, with
-  ``isend``/``irecv``: as fast as the library's.
+- :func:`fast_ring_allreduce`: the same ring as gloo runs it, sends and receives posted
+  at once with ``isend``/``irecv``, in pipelined segments: as fast as the library's.
 - :func:`tree_allreduce`: sum up a binary tree to rank 0, then broadcast back down it.
 - :func:`recursive_doubling_allreduce`: log2(N) pairwise exchanges (MPICH).
 - :func:`ps_allreduce`: every worker sends to one parameter server, which sends the
@@ -28,6 +28,9 @@ one side sends first while the other receives first.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+
 import torch
 
 from .base import Communicator
@@ -38,9 +41,11 @@ RING_TAG = 101
 TREE_TAG = 102
 DOUBLING_TAG = 103
 PS_TAG = 104
-FAST_RING_TAG = 1000  # + 2 * segment + direction: one tag per message of a step
+FAST_RING_TAG = 1000  # + direction; messages between two ranks with one tag arrive in order
 SEGMENT_BYTES = 4 << 20  # as NCCL_BUFFSIZE: 4 MB
-MAX_SEGMENTS = 64  # per chunk: segments grow for larger chunks, so tags stay few
+MAX_SEGMENTS = 64  # per chunk: segments grow for larger chunks
+PIPELINE_DEPTH = 2  # segments in flight per direction, as in gloo's ring
+_SCRATCH = threading.local()  # the fast ring's receive buffers, reused between calls
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,110 +129,104 @@ def ring_allreduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes: int = SEGMENT_BYTES,
-                        bidirectional: bool = True) -> torch.Tensor:
-    """Ring allreduce as the libraries run it: both directions at once, in pipelined segments.
+                        bidirectional: bool = False, depth: int = PIPELINE_DEPTH) -> torch.Tensor:
+    """Ring allreduce as gloo runs it: sends and receives at once, in pipelined segments.
 
-    The same 2(N-1) steps as :func:`ring_allreduce`, with the changes that the NCCL and
-    gloo rings make (Patarasuk & Yuan's ring, pipelined):
+    The same 2(N-1) steps as :func:`ring_allreduce`, with what gloo's ring
+    (``gloo/allreduce.cc``) adds to Patarasuk & Yuan's:
 
-    - bidirectional: half of the tensor goes round the ring to the right, the other half
-      to the left, so that every rank sends and receives on both sides at once;
-    - segmented and pipelined: each chunk moves as segments of about ``segment_bytes``
-      (at most ``MAX_SEGMENTS`` a chunk) with ``isend``/``irecv``; a segment goes on to
-      the next step as soon as it has arrived and been added, while the later segments
-      of the same step are still on the wire.
+    - every message is posted with ``irecv``/``isend`` before any is waited on, so a rank
+      receives from its left while it sends to its right and no send-first/receive-first
+      order is needed;
+    - each chunk moves as segments of about ``segment_bytes`` (at most ``MAX_SEGMENTS`` a
+      chunk), ``depth`` of them in flight: the add of one segment overlaps the transfer
+      of the next;
+    - the received segments land in ``depth`` scratch buffers kept from call to call
+      (no allocation, and a buffer just added is still in cache when it is reused);
+    - ``bidirectional``: half of the tensor goes round to the right and half to the left
+      (what NCCL does to use both directions of every link).
 
-    Every rank sends 2(N-1)/N of the tensor, as in the simple ring. Nothing blocks before
-    it is posted, so no send-first/receive-first ordering is needed.
+    On a machine where the ranks share a few cores every message costs CPU time (Python,
+    a request, thread wake-ups), so the defaults send few, large messages: with 4 MB
+    segments a 16 MB tensor on 4 ranks goes round in one message per step, one way
+    (docs/collectives.md has the measurements). Every rank sends 2(N-1)/N of the tensor.
     """
     n = comm.size
     if n == 1 or tensor.numel() == 0:
         return tensor
     flat = _flat(tensor)
-    ways = 2 if bidirectional else 1
-    longest = flat.numel() // (ways * n) + 1
-    segments = min(MAX_SEGMENTS, max(1, -(-longest * flat.element_size() // segment_bytes)))
-    rings = [_Ring(comm, part, direction, segments) for part, direction in zip(flat.tensor_split(ways), (1, -1))]
+    parts = flat.tensor_split(2) if bidirectional else (flat,)
+    rings = [_RingPipeline(comm, part, way, segment_bytes, depth) for way, part in enumerate(parts)]
+    for index in range(max(len(ring.ops) for ring in rings)):
+        for ring in rings:
+            if index < len(ring.ops):  # the halves may differ by one element
+                ring.post(index)
     for ring in rings:
-        ring.start()
-    for step in range(2 * (n - 1)):
-        for segment in range(segments):
-            for ring in rings:
-                ring.advance(step, segment)
-    for ring in rings:
-        ring.finish()
+        ring.drain()
     return _finish(tensor, flat)
 
 
-class _Ring:
-    """One direction of :func:`fast_ring_allreduce`: its chunks, segments and requests.
+def _scratch(like: torch.Tensor, way: int, depth: int, numel: int) -> list[torch.Tensor]:
+    """``depth`` receive buffers of ``numel`` elements, kept per thread between calls."""
+    pool = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (like.dtype, like.device, way)
+    buffers = pool.get(key)
+    if buffers is None or len(buffers) < depth or buffers[0].numel() < numel:
+        buffers = pool[key] = [like.new_empty(numel) for _ in range(depth)]
+    return [buffer[:numel] for buffer in buffers[:depth]]
 
-    Step t < N-1 reduces (the incoming segment lands in a scratch buffer and is added to
-    this rank's chunk); step t >= N-1 gathers (the incoming segment lands in its place).
-    The chunk received at step t is the one sent at step t+1.
+
+class _RingPipeline:
+    """One direction of :func:`fast_ring_allreduce` as a list of operations.
+
+    Operation i is step ``i // k``, segment ``i % k`` (k segments a chunk): send segment
+    ``i % k`` of chunk ``rank - d * step`` to the next rank, receive the same segment of
+    chunk ``rank - d * (step + 1)`` from the previous one (d = +1 or -1, the direction).
+    In the first N-1 steps the received segment lands in a scratch buffer and is added to
+    this rank's copy (reduce-scatter); in the last N-1 it lands in its place (allgather).
+    At most ``depth`` operations are in flight; ``depth <= k`` keeps that exact: what
+    operation i sends was received and added by operation i - k, already finished.
     """
 
-    def __init__(self, comm: Communicator, part: torch.Tensor, direction: int, segments: int):
-        self.comm, self.direction, self.n = comm, direction, comm.size
-        self.chunks = [chunk.tensor_split(segments) for chunk in part.tensor_split(self.n)]
-        longest = max(len(piece) for chunk in self.chunks for piece in chunk)
-        self.scratch = [[part.new_empty(longest) for _ in range(segments)] for _ in range(2)]
-        self.right, self.left = (comm.rank + direction) % self.n, (comm.rank - direction) % self.n
-        self.tag = FAST_RING_TAG + (0 if direction == 1 else 1) * (2 * self.n * MAX_SEGMENTS)
-        self.sends: dict = {}
-        self.receives: dict = {}
+    def __init__(self, comm: Communicator, part: torch.Tensor, way: int, segment_bytes: int, depth: int):
+        n, rank = comm.size, comm.rank
+        d = 1 if way == 0 else -1
+        chunks = part.tensor_split(n)
+        longest = chunks[0].numel()
+        per_chunk = min(MAX_SEGMENTS, max(1, -(-longest * part.element_size() // max(1, segment_bytes))))
+        pieces = [chunk.tensor_split(per_chunk) for chunk in chunks]
+        self.depth = max(1, min(depth, per_chunk))
+        self.comm, self.tag = comm, FAST_RING_TAG + way
+        self.right, self.left = (rank + d) % n, (rank - d) % n
+        self.buffers = _scratch(part, way, self.depth, pieces[0][0].numel())
+        self.reducing = (n - 1) * per_chunk  # operations before this index add what they receive
+        self.ops = [(pieces[(rank - d * step) % n][segment], pieces[(rank - d * (step + 1)) % n][segment])
+                    for step in range(2 * (n - 1)) for segment in range(per_chunk)]
+        self.in_flight: deque = deque()
 
-    def chunk(self, index: int) -> list[torch.Tensor]:
-        return self.chunks[index % self.n]
+    def post(self, index: int) -> None:
+        """Start operation ``index`` once fewer than ``depth`` are in flight."""
+        if len(self.in_flight) == self.depth:
+            self._complete()
+        outgoing, target = self.ops[index]
+        into = self.buffers[index % self.depth][:target.numel()] if index < self.reducing else target
+        receive = self.comm.irecv(into, self.left, self.tag) if target.numel() else None
+        send = self.comm.isend(outgoing, self.right, self.tag) if outgoing.numel() else None
+        self.in_flight.append((receive, send, into, target))
 
-    def sent_at(self, step: int) -> list[torch.Tensor]:
-        """The segments of the chunk sent at ``step``: chunk (rank - d step) mod N, in both
-        phases (in the gather phase it is the finished chunk)."""
-        return self.chunk(self.comm.rank - self.direction * step)
-
-    def received_at(self, step: int) -> list[torch.Tensor]:
-        return self.sent_at(step + 1)
-
-    def post_send(self, step: int, segment: int) -> None:
-        piece = self.sent_at(step)[segment]
-        if piece.numel():
-            self.sends[step, segment] = self.comm.isend(piece, self.right, self.tag + step * MAX_SEGMENTS + segment)
-
-    def post_receive(self, step: int, segment: int) -> None:
-        target = self.received_at(step)[segment]
-        if not target.numel():
-            return
-        if step < self.n - 1:
-            into = self.scratch[step % 2][segment][:target.numel()]
-        else:
-            into = target  # its earlier send (step - (N-1)) must be done before it is overwritten
-            earlier = self.sends.pop((step - (self.n - 1), segment), None)
-            if earlier is not None:
-                earlier.wait()
-        request = self.comm.irecv(into, self.left, self.tag + step * MAX_SEGMENTS + segment)
-        self.receives[step, segment] = (request, into, target)
-
-    def start(self) -> None:
-        for segment in range(len(self.chunks[0])):
-            self.post_receive(0, segment)
-            self.post_send(0, segment)
-
-    def advance(self, step: int, segment: int) -> None:
-        """Segment ``segment`` of ``step`` has arrived: add it, post the next receive into
-        the buffer it leaves free, and send it on."""
-        last = 2 * (self.n - 1) - 1
-        if (step, segment) in self.receives:
-            request, into, target = self.receives.pop((step, segment))
-            request.wait()
-            if step < self.n - 1:
+    def _complete(self) -> None:
+        """Wait for the oldest operation; add what it received if it is a reduce."""
+        receive, send, into, target = self.in_flight.popleft()
+        if receive is not None:
+            receive.wait()
+            if into is not target:
                 target.add_(into)
-        if step < last:
-            self.post_receive(step + 1, segment)
-            self.post_send(step + 1, segment)
+        if send is not None:
+            send.wait()
 
-    def finish(self) -> None:
-        for request in self.sends.values():
-            request.wait()
+    def drain(self) -> None:
+        while self.in_flight:
+            self._complete()
 
 
 # --- binary tree --------------------------------------------------------------------------
