@@ -7,6 +7,12 @@ text box whose text goes through ``RunConfig.parse_value``, the parser the comma
 uses, so a typo gets the same message in both places. The compressor's parameters are
 rebuilt from its registered defaults whenever the compressor changes, and the settings shown
 for a sync mode or a parallelism are those it declared at registration (``settings=``).
+
+Every control shows, on hover over its label and over the control itself, its command-line
+option and what it means: the help text ``labkit train --help`` prints (``fields_info()``).
+ipywidgets 8 draws a control's ``tooltip`` only when the control has no description (and a
+dropdown's or a text box's label never gets it), so each control is drawn without one,
+beside a label of its own that carries the same help (:class:`Labelled`).
 """
 
 from __future__ import annotations
@@ -33,23 +39,76 @@ DESCRIBED = {"parallelism": reg.PARALLELISMS, "sync": reg.SYNC_MODES, "compressi
 _STYLE = {"description_width": "initial"}
 
 
-def field_widget(info: dict, value) -> w.Widget:
-    """The widget for one field of ``fields_info()``, showing ``value``."""
-    label = info["name"].replace("_", " ")
-    common = {"description": label, "tooltip": f"{info['option']}: {info['help']}", "style": _STYLE}
+def help_text(info: dict) -> str:
+    """What hovering over a control says: its option and its meaning, as ``--help`` says them."""
+    text = f"{info['option']}: {info['help']}"
     if info["choices"]:
-        return w.Dropdown(options=list(info["choices"]), value=value, **common)
-    if info["type"] is bool:
-        return w.Checkbox(value=bool(value), indent=False, **common)
-    if info["name"] == "workers":
-        return w.IntSlider(value=value, min=1, max=max(8, os.cpu_count() or 1), **common)
-    return w.Text(value="" if value is None else str(value), continuous_update=False,
-                  layout=w.Layout(width="12em"), **common)
+        text += f" ({', '.join(map(str, info['choices']))})"
+    return text
+
+
+class Labelled(w.HBox):
+    """A control beside its label, both showing ``help`` on hover. ``value``, ``options``
+    and ``description`` read (and ``value`` sets) the control's; ``control`` is the control.
+
+    The box carries the control's CSS class (``widget-dropdown``, ``widget-text``, ...),
+    so it is found in the page as the control with its label would be."""
+
+    def __init__(self, label: str, control: w.Widget, help: str, css_class: str):
+        self.control = control
+        self._label = label
+        text = w.HTML(f"<span title=\"{html.escape(help)}\" style=\"padding-right:0.5em\">"
+                      f"{html.escape(label)}</span>", tooltip=help)
+        super().__init__([text, control], layout=w.Layout(width="auto", align_items="center"))
+        self.add_class(css_class)
+        self.add_class("labkit-control")
+
+    @property
+    def description(self) -> str:
+        return self._label
+
+    @property
+    def value(self):
+        return self.control.value
+
+    @value.setter
+    def value(self, value) -> None:
+        self.control.value = value
+
+    @property
+    def options(self):
+        return self.control.options
+
+    @property
+    def help(self) -> str:
+        return self.control.tooltip
+
+
+def field_widget(info: dict, value) -> Labelled:
+    """The control for one field of ``fields_info()``, showing ``value``, with its label."""
+    label = info["name"].replace("_", " ")
+    common = {"tooltip": help_text(info), "style": _STYLE}
+    if info["choices"]:
+        control, css = w.Dropdown(options=list(info["choices"]), value=value, **common), "widget-dropdown"
+    elif info["type"] is bool:
+        control, css = w.Checkbox(value=bool(value), indent=False, **common), "widget-checkbox"
+    elif info["name"] == "workers":
+        control = w.IntSlider(value=value, min=1, max=max(8, os.cpu_count() or 1), **common)
+        css = "widget-slider"
+    else:
+        control = w.Text(value="" if value is None else str(value), continuous_update=False,
+                         layout=w.Layout(width="8em"), **common)
+        css = "widget-text"
+    return Labelled(label, control, common["tooltip"], css)
+
+
+def control_of(widget):
+    return getattr(widget, "control", widget)
 
 
 def widget_value(name: str, widget: w.Widget):
     """The field value a widget holds (text parsed as the command line would)."""
-    if isinstance(widget, w.Text):
+    if isinstance(control_of(widget), w.Text):
         return RunConfig.parse_value(name, widget.value)
     return widget.value
 
@@ -86,7 +145,7 @@ class ConfigForm:
         self.description = w.HTML()
         self._listeners = []
         for widget in [*self.widgets.values(), *self.sync_settings.values(), *self.parallel_settings.values()]:
-            widget.observe(self._changed, names="value")
+            control_of(widget).observe(self._changed, names="value")
         self._build_params(base.compression_params)
         self._show_sync_settings()
         self._show_parallel_settings()
@@ -101,11 +160,12 @@ class ConfigForm:
         self._listeners.append(callback)
 
     def _changed(self, change) -> None:
-        if change["owner"] is self.widgets["compression"]:
+        owner = change["owner"]
+        if owner is control_of(self.widgets["compression"]):
             self._build_params({})
-        if change["owner"] is self.widgets["sync"]:
+        if owner is control_of(self.widgets["sync"]):
             self._show_sync_settings()
-        if change["owner"] is self.widgets["parallelism"]:
+        if owner is control_of(self.widgets["parallelism"]):
             self._show_parallel_settings()
         self._describe()
         for callback in self._listeners:
@@ -121,7 +181,7 @@ class ConfigForm:
             info = {"name": key, "option": "--compression-param", "type": type(default),
                     "help": f"{compressor}'s {key} (default {default!r})", "choices": ()}
             self.param_widgets[key] = field_widget(info, value)
-            self.param_widgets[key].observe(self._changed, names="value")
+            control_of(self.param_widgets[key]).observe(self._changed, names="value")
         self.params_box.children = list(self.param_widgets.values())
 
     def _show_sync_settings(self) -> None:
@@ -144,7 +204,7 @@ class ConfigForm:
     def compression_params(self) -> dict:
         params = {}
         for key, widget in self.param_widgets.items():
-            if isinstance(widget, w.Text):
+            if isinstance(control_of(widget), w.Text):
                 params.update(parse_params([f"{key}={widget.value}"]))
             else:
                 params[key] = widget.value
