@@ -52,6 +52,7 @@ class Run:
     batch_size: int  # per worker
     steps: int
     config: dict
+    summary: dict
     step_seconds: tuple  # one sample per timed interval
 
     @property
@@ -183,7 +184,7 @@ def read_run(name, within=".") -> Run:
     if own and samples != own[-1]["step"] * batch:
         raise RunCheckError(f"{name}: rank 0 saw {samples} samples in {steps} steps of batch {batch}")
     intervals = tuple((b["t"] - a["t"]) / (b["step"] - a["step"]) for a, b in pairs)[1:]  # no warm-up
-    return Run(str(name), workers, batch, steps, config, intervals)
+    return Run(str(name), workers, batch, steps, config, summary, intervals)
 
 
 # --- strong scaling ---------------------------------------------------------------------------------
