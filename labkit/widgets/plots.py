@@ -149,7 +149,10 @@ def system_png(metrics: RunMetrics | None) -> bytes:
             time_ax.barh(list(ranks), widths, left=left, label=label, color=color)
             left = [a + b for a, b in zip(left, widths)]
         time_ax.set_yticks(list(ranks))
-        time_ax.invert_yaxis()
+        # set by hand: a segment of zero width (no waiting) leaves a sticky edge at the end of
+        # the longest bar, and autoscaling then draws that bar to (and past) the axis' edge
+        time_ax.set_xlim(0, max(left, default=0) * 1.08 or 1.0)
+        time_ax.set_ylim(max(ranks, default=0) + 0.6, min(ranks, default=0) - 0.6)  # rank 0 on top
         if ranks:
             fig.legend(*time_ax.get_legend_handles_labels(), loc="lower right", ncol=3,
                        fontsize="small", frameon=False)
