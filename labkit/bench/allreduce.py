@@ -1,7 +1,8 @@
 """``labkit bench allreduce``: allreduce algorithms side by side, in the manner of nccl-tests.
 
     labkit bench allreduce [-n 4] [--min-bytes 4K] [--max-bytes 64M] [--factor 4]
-                           [--iters 20] [--backend gloo] [--json]
+                           [--iters 20] [--rounds 7] [--backend gloo] [--fast-ring]
+                           [--only NAME,...] [--json]
 
 It starts N ranks on this machine twice. First on ``--backend`` (gloo): labkit's
 hand-written ring, tree, recursive-doubling and parameter-server allreduces
@@ -9,9 +10,15 @@ hand-written ring, tree, recursive-doubling and parameter-server allreduces
 (torch.distributed). Then under mpiexec with the mpi backend: MPI_Allreduce (mpich).
 For every algorithm and message size S (float32, sum):
 
-- time: after a warm-up, three rounds of up to ``--iters`` back-to-back calls (fewer
-  when calls are slow, so that a measurement takes about a second); a round's time is
-  its mean per call on the slowest rank, and the fastest round is reported;
+- time: after a warm-up, ``--rounds`` rounds in which the algorithms take turns (the
+  order rotates from round to round), each with up to ``--iters`` back-to-back calls
+  (fewer when calls are slow, so that an algorithm's rounds take about a second); a
+  round's time is its mean per call on the slowest rank, and the median round is
+  reported. Taking turns within one launch means that a change in the machine's load
+  falls on every algorithm alike, so the ratio to the library is fair even on a shared
+  machine; the load average is printed beside the figures;
+- vs library: busbw over the library's (``comm.allreduce`` of the same backend), the
+  median over the rounds of the ratio within each round;
 - algbw = S / time, and busbw = algbw * 2(N-1)/N, the bandwidth each rank's link
   sustains in an optimal (ring) allreduce: it can be compared across N and with a link's
   bandwidth (nccl-tests, doc/PERFORMANCE.md);
@@ -34,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +61,7 @@ FAST_RING = {"labkit-fast-ring": (collectives.fast_ring_allreduce, "ring")}
 LIBRARY_NAMES = {"gloo": "torch.distributed", "mpi": "MPI_Allreduce"}
 PROGRESS = "labkit-bench-progress"
 MEASUREMENT_BUDGET_S = 1.0
-ROUNDS = 3
+ROUNDS = 7
 PING_PONG_SIZES = [4**k for k in range(5, 13)]  # 1 KB to 16 MB, whatever sizes are benchmarked
 COPY_BYTES = 256 * 2**20
 LAUNCH_TIMEOUT_S = 900
@@ -78,28 +86,36 @@ def slowest(comm, seconds: float) -> float:
     return float(comm.allreduce(value, op="max"))
 
 
-def time_allreduce(comm, function, buffer: torch.Tensor, max_iters: int) -> tuple[float, int]:
-    """Seconds per call and the number of calls per round.
-
-    ``ROUNDS`` rounds of back-to-back calls; each round's time is its mean per call on
-    the slowest rank, and the fastest round is kept (other work on a shared machine only
-    ever adds time).
-    """
+def calls_per_round(comm, function, buffer: torch.Tensor, max_iters: int, rounds: int) -> int:
+    """Warm up ``function`` and choose its calls per round, the same on every rank: up to
+    ``max_iters``, fewer when one call is slow, so that its rounds take about
+    ``MEASUREMENT_BUDGET_S`` in all."""
     function(comm, buffer)  # warm-up: first-touch of buffers, connections
     comm.barrier()
     start = time.perf_counter()
     function(comm, buffer)
-    first = slowest(comm, time.perf_counter() - start)
-    # the same number on every rank, since all got the same `first`
-    iters = max(1, min(max_iters, int(MEASUREMENT_BUDGET_S / ROUNDS / first)))
-    rounds = []
-    for _ in range(ROUNDS):
-        comm.barrier()
-        start = time.perf_counter()
-        for _ in range(iters):
-            function(comm, buffer)
-        rounds.append(slowest(comm, (time.perf_counter() - start) / iters))
-    return min(rounds), iters
+    first = slowest(comm, time.perf_counter() - start)  # every rank gets the same value
+    return max(1, min(max_iters, int(MEASUREMENT_BUDGET_S / rounds / first)))
+
+
+def time_alternately(comm, functions: list, buffer: torch.Tensor, max_iters: int,
+                     rounds: int = ROUNDS) -> list[tuple[float, int, list[float]]]:
+    """(median seconds per call, calls per round, every round's seconds) of each function.
+
+    In every round each function takes its turn, in an order that rotates from round to
+    round; a round's time is the mean per call on the slowest rank.
+    """
+    iters = [calls_per_round(comm, function, buffer, max_iters, rounds) for function in functions]
+    seconds: list[list[float]] = [[] for _ in functions]
+    for round_ in range(rounds):
+        for k in range(len(functions)):
+            index = (round_ + k) % len(functions)
+            comm.barrier()
+            start = time.perf_counter()
+            for _ in range(iters[index]):
+                functions[index](comm, buffer)
+            seconds[index].append(slowest(comm, (time.perf_counter() - start) / iters[index]))
+    return [(statistics.median(times), count, times) for times, count in zip(seconds, iters)]
 
 
 def validate(comm, function, count: int) -> bool:
@@ -119,6 +135,7 @@ def rank_main(argv: list[str]) -> int:
     parser.add_argument("--sizes", required=True, help="comma-separated message sizes in bytes")
     parser.add_argument("--algorithms", required=True, help="comma-separated row names")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.algorithms.split(",")
@@ -129,10 +146,11 @@ def rank_main(argv: list[str]) -> int:
     rows = []
     for size in sizes:
         buffer = torch.zeros(size // 4)
-        for name in names:
+        timings = time_alternately(comm, [algorithm(name)[0] for name in names], buffer, args.iters, args.rounds)
+        for name, (seconds, iters, rounds) in zip(names, timings):
             function, collective = algorithm(name)
-            seconds, iters = time_allreduce(comm, function, buffer, args.iters)
             rows.append({"algorithm": name, "bytes": size, "time_us": seconds * 1e6,
+                         "rounds_us": [t * 1e6 for t in rounds],
                          "model_us": predict(collective, size, comm.size, alpha, beta, full_duplex=False) * 1e6,
                          "iters": iters, "valid": validate(comm, function, size // 4)})
             if comm.rank == 0:
@@ -192,12 +210,12 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
 
 
 def run_ranks(n: int, backend: str, names: list[str], sizes: list[int], iters: int,
-              progress) -> dict:
+              progress, rounds: int = ROUNDS) -> dict:
     """Start the ranks (local processes for gloo, mpiexec for mpi); return rank 0's results."""
     workdir = tempfile.mkdtemp(prefix="labkit-bench-allreduce-")
     out = os.path.join(workdir, "results.json")
     command = [sys.executable, "-m", "labkit.bench.allreduce", out, "--sizes", ",".join(map(str, sizes)),
-               "--algorithms", ",".join(names), "--iters", str(iters)]
+               "--algorithms", ",".join(names), "--iters", str(iters), "--rounds", str(rounds)]
     env = dict(os.environ, LABKIT_BACKEND=backend, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if backend == "mpi":
         logs = [os.path.join(workdir, "mpiexec.log")]
@@ -243,6 +261,20 @@ def add_bandwidths(row: dict, n: int) -> dict:
                 model_ratio=row["time_us"] / row["model_us"])
 
 
+def add_library_ratios(rows: list[dict], backend: str) -> None:
+    """``vs_library``: busbw over the busbw of ``backend``'s library allreduce at the same
+    size (its time over this row's time), the median over the rounds, each round's ratio
+    taken between turns of the same round; only on that backend's rows."""
+    library = {row["bytes"]: row["rounds_us"] for row in rows if row["algorithm"] == LIBRARY_NAMES[backend]}
+    for row in rows:
+        if row["bytes"] in library:
+            row["vs_library"] = statistics.median(lib / own for lib, own in zip(library[row["bytes"]], row["rounds_us"]))
+
+
+def ratio(row: dict) -> str:
+    return f"{row['vs_library']:.2f}x" if "vs_library" in row else "-"
+
+
 def format_table(report: dict) -> str:
     n = report["world_size"]
     lines = [f"# labkit bench allreduce: {n} ranks on this machine ({os.cpu_count()} cores), "
@@ -250,12 +282,15 @@ def format_table(report: dict) -> str:
              f"# memory-copy ceiling: {report['copy_gbps']:.2f} GB/s (torch copy_ of "
              f"{human_bytes(COPY_BYTES)})"]
     for launch in report["launches"]:
+        lines.append(f"# {launch['backend']}: {', '.join(launch['names'])}; {launch['rounds']} rounds, "
+                     f"the algorithms taking turns; load average {launch['loadavg_before'][0]:.2f} before, "
+                     f"{launch['loadavg_after'][0]:.2f} after (1 min)")
         lines.append(f"# {launch['backend']}: alpha = {launch['alpha_s'] * 1e6:.1f} us, "
                      f"beta = {launch['beta_s_per_byte'] * 1e9:.3f} ns/B "
                      f"({1e-9 / launch['beta_s_per_byte']:.2f} GB/s), "
                      f"from a ping-pong between ranks 0 and 1; model: half duplex")
     header = (f"#{'size':>9} {'time(us)':>11} {'model(us)':>11} {'time/model':>10} "
-              f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'iters':>5}  check")
+              f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'vs lib':>6} {'iters':>5}  check")
     names = list(dict.fromkeys(row["algorithm"] for row in report["rows"]))
     for name in names:
         rows = [row for row in report["rows"] if row["algorithm"] == name]
@@ -263,16 +298,17 @@ def format_table(report: dict) -> str:
         for row in rows:
             lines.append(f"{human_bytes(row['bytes']):>10} {row['time_us']:>11.1f} {row['model_us']:>11.1f} "
                          f"{row['model_ratio']:>10.2f} {row['algbw_gbps']:>11.3f} "
-                         f"{row['busbw_gbps']:>11.3f} {row['iters']:>5}  "
+                         f"{row['busbw_gbps']:>11.3f} {ratio(row):>6} {row['iters']:>5}  "
                          f"{'ok' if row['valid'] else 'WRONG'}")
     largest = max(row["bytes"] for row in report["rows"])
-    lines += ["#", f"# at {human_bytes(largest)}: busbw and the model's error over all sizes "
-              "(worst of time/model and model/time)"]
+    lines += ["#", f"# at {human_bytes(largest)}: busbw (median round), against the library of the same "
+              "backend, and the model's error over all sizes (worst of time/model and model/time)"]
     for name in names:
         rows = [row for row in report["rows"] if row["algorithm"] == name]
-        busbw = next(row["busbw_gbps"] for row in rows if row["bytes"] == largest)
+        top = next(row for row in rows if row["bytes"] == largest)
         worst = max(max(row["model_ratio"], 1 / row["model_ratio"]) for row in rows)
-        lines.append(f"#   {name:<27} busbw {busbw:7.3f} GB/s   model within {worst:.2f}x")
+        lines.append(f"#   {name:<27} busbw {top['busbw_gbps']:7.3f} GB/s  {ratio(top):>6} of the library   "
+                     f"model within {worst:.2f}x")
     return "\n".join(lines)
 
 
@@ -287,23 +323,39 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-bytes", type=parse_bytes, default="64M", help="largest message (default 64M)")
     parser.add_argument("--factor", type=int, default=4, help="ratio of successive sizes (default 4)")
     parser.add_argument("--iters", type=int, default=20,
-                        help="timed calls per measurement, fewer for slow ones (default 20)")
+                        help="timed calls per round, fewer for slow ones (default 20)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"rounds in which the algorithms take turns; the median is reported (default {ROUNDS})")
     parser.add_argument("--backend", choices=["gloo", "mpi"], default="gloo",
                         help="backend of the hand-written algorithms (default gloo)")
     parser.add_argument("--fast-ring", action="store_true",
-                        help="add labkit-fast-ring, the bidirectional segmented ring, to the table")
+                        help="add labkit-fast-ring, the ring as gloo runs it (isend/irecv, pipelined segments)")
+    parser.add_argument("--only", metavar="NAME,...",
+                        help="only these rows (and the library's, the baseline): names from "
+                             + ", ".join([*HAND_WRITTEN, *FAST_RING, *LIBRARY_NAMES.values()]))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error("-n: an allreduce benchmark needs at least 2 ranks")
     if args.min_bytes < 4 or args.min_bytes % 4 or args.max_bytes < args.min_bytes:
         parser.error("--min-bytes must be a multiple of 4 (float32) and at most --max-bytes")
-    if args.factor < 2 or args.iters < 1:
-        parser.error("--factor must be >= 2 and --iters >= 1")
+    if args.factor < 2 or args.iters < 1 or args.rounds < 1:
+        parser.error("--factor must be >= 2, --iters and --rounds >= 1")
     sizes = [s for s in size_range(args.min_bytes, args.max_bytes, args.factor) if s % 4 == 0]
 
-    launches = [(args.backend, [*HAND_WRITTEN, *(FAST_RING if args.fast_ring else ()), LIBRARY_NAMES[args.backend]])]
-    if args.backend != "mpi":
+    names = [*HAND_WRITTEN, *(FAST_RING if args.fast_ring else ())]
+    want_mpi = args.backend != "mpi"
+    if args.only is not None:
+        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+        known = [*HAND_WRITTEN, *FAST_RING, *LIBRARY_NAMES.values()]
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            parser.error(f"--only: unknown row {unknown[0] if unknown else '(none given)'!r}; "
+                         f"choose from {', '.join(known)}")
+        names = [name for name in chosen if name in HAND_WRITTEN or name in FAST_RING]
+        want_mpi = want_mpi and LIBRARY_NAMES["mpi"] in chosen
+    launches = [(args.backend, [*names, LIBRARY_NAMES[args.backend]])]
+    if want_mpi:
         if mpiexec_path():
             launches.append(("mpi", [LIBRARY_NAMES["mpi"]]))
         else:
@@ -314,13 +366,18 @@ def main(argv: list[str]) -> int:
     total = len(sizes) * sum(len(names) for _, names in launches)
     with tqdm(total=total, desc="allreduce", unit="measurement", file=sys.stderr) as progress:
         for backend, names in launches:
+            before = os.getloadavg()
             try:
-                result = run_ranks(args.n, backend, names, sizes, args.iters, progress)
+                result = run_ranks(args.n, backend, names, sizes, args.iters, progress, args.rounds)
             except BenchError as e:
                 print(f"labkit: bench allreduce: {e}", file=sys.stderr)
                 return 1
-            report["launches"].append({key: result[key] for key in ("backend", "alpha_s", "beta_s_per_byte")})
-            report["rows"] += [dict(add_bandwidths(row, args.n), backend=backend) for row in result["rows"]]
+            rows = [dict(add_bandwidths(row, args.n), backend=backend) for row in result["rows"]]
+            add_library_ratios(rows, backend)
+            report["launches"].append({**{key: result[key] for key in ("backend", "alpha_s", "beta_s_per_byte")},
+                                       "names": names, "rounds": args.rounds, "loadavg_before": list(before),
+                                       "loadavg_after": list(os.getloadavg())})
+            report["rows"] += rows
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if all(row["valid"] for row in report["rows"]) else 1
 
