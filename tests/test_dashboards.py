@@ -1,6 +1,7 @@
 """Every dashboard of notebooks/dashboards/ in Voila, in a real (headless) browser.
 
-One Voila server serves the whole folder and one Chromium opens each page in turn. For each
+One Voila server serves the whole folder (with preheated kernels, as docs/dashboards.md
+recommends) and one Chromium opens each page in turn. For each
 dashboard: the page renders with no source code in it, a picture arrives as a real PNG (not the
 text ``<Figure size ...>``), a control changed in the page changes the picture, and a screenshot
 is kept in the test's temporary directory. The time from opening the page to its first picture is
@@ -23,7 +24,11 @@ PLOT = "img.labkit-plot"
 TIMEOUT_MS = 120_000
 FIRST_PICTURE = """() => Array.from(document.querySelectorAll('img.labkit-plot'))
                           .some(img => img.complete && img.naturalWidth > 0)"""
-VOILA_ARGS = ["--no-browser", "--Voila.ip=127.0.0.1", "--VoilaExecutor.timeout=300", "--show_tracebacks=True"]
+# The settings docs/dashboards.md recommends: no cut-off on a long first cell, and a kernel per
+# page started and run with the server (preheated), so that a page opens already drawn. The
+# pool is not refilled during the test (fill_delay): a refill runs the page again, for nobody.
+VOILA_ARGS = ["--no-browser", "--Voila.ip=127.0.0.1", "--VoilaExecutor.timeout=300", "--show_tracebacks=True",
+              "--preheat_kernel=True", "--pool_size=1", "--VoilaKernelManager.fill_delay=600"]
 FIRST_PICTURE_S: dict[str, float] = {}
 
 

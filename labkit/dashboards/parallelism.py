@@ -23,7 +23,17 @@ import torch
 
 from ..parallel.gantt import draw_timeline
 from ..parallel.pipeline import bubble_fraction_model, make_schedule, simulate
-from .common import figure, picture, png, read_json, read_summaries, results_dir, runs_dir, status_line, write_json
+from .common import (
+    figure,
+    picture,
+    png,
+    read_json,
+    read_summaries,
+    results_dir,
+    runs_dir,
+    status_line,
+    write_json,
+)
 
 HIDDEN = (128, 128, 128, 128, 128)  # six linear layers: up to 6 stages
 BATCH = 64
@@ -60,7 +70,7 @@ def simulated_timeline(schedule: str, stages: int, microbatches: int, forward: f
 def pipeline_runs(root=None) -> list[dict]:
     """(stages, micro-batches, schedule, measured bubble) of the user's completed pipeline runs."""
     out = []
-    for path, config_file, summary in read_summaries(root or runs_dir()):
+    for path, _config, summary in read_summaries(root or runs_dir()):
         if summary.get("status") != "completed" or summary.get("bubble_fraction") is None:
             continue
         grid = summary.get("grid") or {}
