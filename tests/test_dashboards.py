@@ -28,7 +28,8 @@ FIRST_PICTURE = """() => Array.from(document.querySelectorAll('img.labkit-plot')
 # page started and run with the server (preheated), so that a page opens already drawn. The
 # pool is not refilled during the test (fill_delay): a refill runs the page again, for nobody.
 VOILA_ARGS = ["--no-browser", "--Voila.ip=127.0.0.1", "--VoilaExecutor.timeout=300", "--show_tracebacks=True",
-              "--preheat_kernel=True", "--pool_size=1", "--VoilaKernelManager.fill_delay=600"]
+              "--preheat_kernel=True", "--pool_size=1", "--VoilaKernelManager.fill_delay=600",
+              "--VoilaKernelManager.preheat_denylist=training.ipynb"]  # test_dashboard.py tests that one
 FIRST_PICTURE_S: dict[str, float] = {}
 
 

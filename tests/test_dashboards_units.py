@@ -80,6 +80,35 @@ def test_collectives_pictures_are_pngs():
         collectives.record_schedule("butterfly", 4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_measured_on_real_ranks_and_kept(tmp_path, monkeypatch, no_leftovers):
+    """The two buttons that start real ranks: the α–β fit with every algorithm timed, and the
+    memory of every parallelism on each rank; both kept for the next visit."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # the pytest process's own helper: started before the test's environment
+    monkeypatch.setenv("LABKIT_DASHBOARDS_DIR", str(tmp_path / "measured"))
+    result = collectives.measure(2, sizes=(4096, 65536), iters=2)
+    assert result["alpha_s"] > 0 and result["beta_s_per_byte"] > 0
+    assert {r["algorithm"] for r in result["rows"]} == set(collectives.BENCH_NAMES.values())
+    assert all(r["valid"] and r["time_us"] > 0 for r in result["rows"])
+    assert collectives.saved_measurement(2) == json.loads(json.dumps(result))
+    assert collectives.model_png(2, result).startswith(PNG)
+
+    memory = parallelism.measure_ranks(2, microbatches=2, timeout=150)
+    ranks = memory["per_rank"]
+    whole = memory["whole_model_bytes"]
+    assert ranks[0]["data"]["param_bytes"] == ranks[1]["data"]["param_bytes"] == whole
+    for kind in ("model", "pipeline gpipe", "pipeline 1f1b", "tensor"):  # the model is split in two
+        assert sum(r[kind]["param_bytes"] for r in ranks) == pytest.approx(whole, rel=0.02), kind
+        assert all(r[kind]["grad_bytes"] == r[kind]["param_bytes"] for r in ranks), kind
+    assert all(r[k]["activation_bytes"] > 0 for r in ranks for k in r)
+    assert all(len(t) == 2 and all(t) for t in memory["timelines"].values())  # each pipeline rank's events
+    assert parallelism.saved_measurement(2)["per_rank"] == json.loads(json.dumps(ranks))
+    assert parallelism.memory_png(memory, 2).startswith(PNG)
+
+
 # --- compression -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def grads():
