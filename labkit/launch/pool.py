@@ -172,7 +172,7 @@ class WarmPool:
 
         ``command`` is the rank's command line (``python -m labkit.worker RUN_DIR``): a warm
         process runs exactly that module with those arguments."""
-        if command[1:3] != ["-m", "labkit.worker"]:
+        if command[0] != sys.executable or command[1:3] != ["-m", "labkit.worker"]:
             return []
         spec = {"module": command[2], "argv": command[3:], "cwd": cwd or os.getcwd(), "umask": _umask()}
         taken = []
@@ -323,7 +323,10 @@ def serve() -> None:
     fresh_logging = (list(logging.root.handlers), logging.root.level)
     fresh_warnings = list(warnings.filters)
     fresh_torch_rng = torch.random.get_rng_state()
-    print(READY, flush=True)
+    try:  # the owner may have handed this process a rank already, and closed the pipe
+        os.write(1, f"{READY}\n".encode())
+    except OSError:
+        pass
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)  # the owner closed the pool, or died
