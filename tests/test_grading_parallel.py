@@ -72,7 +72,7 @@ def both(release):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_parallel_scores_are_the_serial_ones(both):
     serial, parallel = both[1], both[3]
     print(f"--jobs 1: {serial[3]:.0f} s, --jobs 3: {parallel[3]:.0f} s")
@@ -84,7 +84,7 @@ def test_parallel_scores_are_the_serial_ones(both):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_the_running_score_table_shows_every_notebook(both):
     result = both[3][0]
     lines = [line for line in result.stderr.splitlines() if line.lstrip().startswith("[")]
