@@ -241,6 +241,84 @@ def test_nan_latency_is_refused(table):
         check_table(bad, "x.json")
 
 
+def test_overhead_is_a_finite_number_that_may_be_negative(table):
+    fine = json.loads(json.dumps(table))
+    fine["fixed"]["overhead"] = -0.02  # a network may run faster than its parts timed apart
+    check_table(fine, "x.json")
+    for bad in (float("nan"), "0.1", None):
+        fine["fixed"]["overhead"] = bad
+        with pytest.raises(LatencyTableError, match="fixed.overhead must be a finite number"):
+            check_table(fine, "x.json")
+    del fine["fixed"]["overhead"]
+    with pytest.raises(LatencyTableError, match="stem, head, overhead"):
+        check_table(fine, "x.json")
+
+
+def _synthetic_ms(module) -> float:
+    """A made-up timer: a block or a fixed part costs by its parameters (+ its shortcut's add); a
+    whole network, its parts plus 0.25 ms of its own."""
+    from labkit.nas.supernet import ChildNet, _Fixed
+
+    if isinstance(module, ChildNet):
+        return 0.25 + sum(_synthetic_ms(m) for m in (module.stem, *module.blocks, module.head))
+    cost = 1e-5 * sum(p.numel() for p in module.parameters())
+    if isinstance(module, _Fixed):
+        return cost + (0.01 if module.shortcut else 0.0) + 0.002
+    assert isinstance(module, torch.nn.Sequential), type(module)  # the stem or the head
+    return cost + 0.003
+
+
+def test_the_table_times_blocks_as_the_network_runs_them_and_fits_the_overhead(monkeypatch):
+    """Without a clock: the table's entries are the network's own blocks (shortcut included), the
+    overhead is fitted from networks timed in the same rounds, and so the prediction of any network
+    is exactly its time under the same timer."""
+    from labkit.nas import latency
+    from labkit.nas.latency import check_predictions, child_of, sample_architectures
+
+    calls = []
+
+    def fake_time_modules(modules, shapes, device="cpu", warmup=10, repeats=50, clock="wall"):
+        calls.append(len(modules))
+        return [_synthetic_ms(m) for m in modules]
+
+    monkeypatch.setattr(latency, "time_modules", fake_time_modules)
+    net = SuperNet((1, 8, 8), 10)
+    table = measure_table(net, fit_networks=3)
+    assert len(calls) == 1  # entries, stem, head and the fitted networks: all in the same rounds
+    assert table["fixed"]["overhead"] == pytest.approx(0.25)
+    assert len(table["overhead_fit"]["networks"]) == 3
+    model = LatencyModel(check_table(json.loads(json.dumps(table))), net)
+    for arch in sample_architectures(net, 6, seed=7) + [["k3e3", "zero", "k5e6", "zero"]]:
+        assert model.predict(arch) == pytest.approx(_synthetic_ms(child_of(net, arch)), abs=1e-6)  # float32 table
+    checks = check_predictions(table, net, 4)
+    assert [c["error"] for c in checks] == pytest.approx([0, 0, 0, 0], abs=1e-5)
+
+
+def test_timing_warms_up_and_shuffles_the_rounds():
+    from labkit.nas.latency import WARMUP_S, time_modules
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen.append(self.name)
+            return x
+
+    import time as clock
+
+    t0 = clock.perf_counter()
+    ms = time_modules([Probe("a"), Probe("b"), Probe("c")], [(1, 2, 2)] * 3, warmup=2, repeats=20)
+    assert clock.perf_counter() - t0 >= WARMUP_S and len(ms) == 3
+    timed = seen[-60:]
+    rounds = [tuple(timed[i:i + 3]) for i in range(0, 60, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each round times every module once
+    assert len(set(rounds)) > 1  # in an order that changes
+
+
 def test_table_for_another_network_names_the_missing_entry(tmp_path, table):
     small = {**table, "entries": [e for e in table["entries"] if e["op"] != "k7e6"]}
     path = save_table(small, tmp_path / "partial.json")

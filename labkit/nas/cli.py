@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"labkit nas: architecture {' '.join(summary['architecture'])}; latency predicted "
           f"{summary['latency_predicted_ms']:.3f} ms, measured {summary['latency_measured_ms']:.3f} ms "
           f"({100 * summary['latency_error']:.0f} % apart; the network and its table entries timed together: "
-          f"{summary['latency_measured_interleaved_ms']:.3f} vs {summary['latency_parts_interleaved_ms']:.3f} ms, "
+          f"{summary['latency_measured_interleaved_ms']:.3f} vs {summary['latency_parts_interleaved_ms']:.3f} ms "
+          f"with the overhead, "
           f"{100 * summary['latency_model_error']:.0f} % apart); test accuracy {summary['test_accuracy']:.4f}; "
           f"{summary['parameters']:,} parameters; {summary['wall_time_s']:.1f} s")
     return 0

@@ -308,9 +308,11 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
         "probs": [[float(p) for p in b.probs().detach()] for b in net.blocks],
         "latency_predicted_ms": predicted, "latency_measured_ms": measured,
         "latency_error": abs(predicted - measured) / measured,
-        # the network and its own table entries timed in the same rounds: the additive model's error alone
-        "latency_measured_interleaved_ms": whole, "latency_parts_interleaved_ms": parts,
-        "latency_model_error": abs(parts - whole) / whole,
+        # the network and its table entries timed again in the same rounds, plus the table's fitted
+        # overhead: the additive model's error alone, without the drift of the machine since the table
+        "latency_measured_interleaved_ms": whole,
+        "latency_parts_interleaved_ms": parts + latency.overhead_ms,
+        "latency_model_error": abs(parts + latency.overhead_ms - whole) / whole,
         "test_accuracy": test_acc, "test_loss": test_loss, "parameters": parameter_count(child),
         "latency_weight": config.latency_weight, "latency_form": config.latency_form,
         "steps": step, "wall_time_s": time.time() - start, "latency_table": str(run.path / "latency_table.json"),

@@ -204,13 +204,19 @@ class ChildNet(nn.Module):
         for name, (cin, cout, stride) in zip(architecture, layout):
             if name not in candidates_for(cin, cout, stride):
                 raise ValueError(f"{name!r} is not a candidate of a block {cin}->{cout} stride {stride}")
-            blocks.append(_Fixed(make_op(name, cin, cout, stride), stride == 1 and cin == cout, name == "zero"))
+            blocks.append(child_block(name, cin, cout, stride))
         self.blocks = nn.Sequential(*blocks)
         last = layout[-1][1]
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, num_classes))
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
+
+
+def child_block(name: str, cin: int, cout: int, stride: int) -> nn.Module:
+    """One block of a derived network as it runs there: the operation and its shortcut (zero
+    with a shortcut: the identity). The latency table times exactly this module."""
+    return _Fixed(make_op(name, cin, cout, stride), stride == 1 and cin == cout, name == "zero")
 
 
 class _Fixed(nn.Module):
