@@ -73,8 +73,8 @@ open_path_to_env() {
     done
     local u
     for u in $users; do
-        runuser -u "$u" -- "$venv/bin/python" -c "import labkit, batchspawner" 2>/dev/null \
-            || fail "$u cannot run the course's environment ($venv/bin/python -c 'import labkit, batchspawner' fails as $u)"
+        runuser -u "$u" -- "$venv/bin/python" -c "import batchspawner" 2>/dev/null \
+            || fail "$u cannot run the course's environment ($venv/bin/python -c 'import batchspawner' fails as $u)"
     done
 }
 

@@ -168,16 +168,20 @@ def run_in_kernel(base: str, token: str, code: str, timeout: float = 240) -> str
 
 # what the student's notebook runs: the panel starts a 2-worker run through SLURM
 STUDENT_CODE = """
+import time
+t0 = time.time()
 import json, os, labkit
 from labkit.widgets import ControlPanel
 panel = ControlPanel(labkit.RunConfig(workers=2, launcher="slurm", steps=20, log_every=5, eval_every=20),
                      runs_dir="hub-runs")
+t1 = time.time()
 panel.start()
 result = panel.run.wait(timeout=200)
 panel.tick()
 print(json.dumps({"status": result.status, "error": result.error, "world_size": result.summary.get("world_size"),
                   "job": panel.run.job.job_id, "server_job": os.environ.get("SLURM_JOB_ID"),
-                  "panel": panel.status.value, "run_dir": str(result.run_dir.resolve())}))
+                  "panel": panel.status.value, "run_dir": str(result.run_dir.resolve()),
+                  "import_s": t1 - t0, "run_s": time.time() - t1, "train_s": result.summary.get("wall_time_s")}))
 """
 
 
@@ -221,8 +225,9 @@ def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
     phase("server answers")
     # a kernel on it runs a 2-worker labkit job through SLURM, from the panel
     out = run_in_kernel(hub["url"], token, STUDENT_CODE)
-    phase("2-worker run done")
     report = json.loads(out.strip().splitlines()[-1])
+    phase(f"2-worker run done (imports {report['import_s']:.1f} s, sbatch to end {report['run_s']:.1f} s, "
+          f"the ranks' own wall time {report['train_s']:.1f} s)")
     assert report["status"] == "completed", out
     assert report["world_size"] == 2
     assert report["job"] != report["server_job"] and report["server_job"] == server_job[0].split()[0]
