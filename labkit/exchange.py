@@ -35,6 +35,7 @@ import argparse
 import grp
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import sys
@@ -50,7 +51,7 @@ COURSE_LAYOUT = {
     "inbound": (0o3733, True),
     "feedback": (0o711, False),
 }
-SUBMISSION_DIR_MODE = 0o2770
+SUBMISSION_DIR_MODE = 0o770
 SUBMISSION_FILE_MODE = 0o640
 CONFIG_NAME = "nbgrader_config.py"
 CONFIG_TEMPLATE = '''\
@@ -70,10 +71,26 @@ class ExchangeSetupError(Exception):
 
 def _private_submit():
     from nbgrader.exchange.default.submit import ExchangeSubmit
+    from nbgrader.utils import ignore_patterns
 
     class PrivateSubmit(ExchangeSubmit):
-        """nbgrader's submit, after which the submission is the student's and the graders group's
-        only: folders 2770, files 0640 (nbgrader leaves them readable by all, the folder writable by all)."""
+        """nbgrader's submit, with every file of the submission in the graders group and readable
+        by its student and that group only (folders 0770, files 0640; nbgrader leaves them readable
+        by all and the folder writable by all)."""
+
+        def do_copy(self, src, dest):
+            if Path(dest).parent != Path(self.inbound_path):
+                return super().do_copy(src, dest)  # the student's own cache
+            # nbgrader's copy is shutil.copytree, which gives the new folder the mode of the
+            # student's (copystat): inbound's setgid bit is lost, and the files nbgrader writes
+            # afterwards (timestamp.txt, submission_secret.txt) would be in the student's group,
+            # out of the graders' reach. Folders are made here instead, inheriting it.
+            max_size = self.coursedir.max_dir_size
+            if self.get_size(src) > 1000 * max_size:
+                raise RuntimeError(f"the assignment's folder is larger than {max_size} kB; remove large files")
+            ignore = ignore_patterns(exclude=self.coursedir.ignore, include=self.coursedir.include,
+                                     max_file_size=self.coursedir.max_file_size, log=self.log)
+            copy_keeping_group(Path(src), Path(dest), ignore)
 
         def copy_files(self):
             super().copy_files()
@@ -82,6 +99,22 @@ def _private_submit():
     PrivateSubmit.__module__ = __name__
     PrivateSubmit.__qualname__ = "PrivateSubmit"
     return PrivateSubmit
+
+
+def copy_keeping_group(src: Path, dest: Path, ignore) -> None:
+    """Copy the folder ``src`` to ``dest`` (new) without copying modes, so that what is made takes the
+    group of a setgid parent; ``ignore`` is shutil.copytree's. Symbolic links are not followed nor copied."""
+    dest.mkdir()
+    names = os.listdir(src)
+    skipped = set(ignore(str(src), names))
+    for name in names:
+        source = src / name
+        if name in skipped or source.is_symlink():
+            continue
+        if source.is_dir():
+            copy_keeping_group(source, dest / name, ignore)
+        elif source.is_file():
+            shutil.copyfile(source, dest / name)
 
 
 def __getattr__(name):
@@ -93,7 +126,7 @@ def __getattr__(name):
 
 
 def private(folder: Path) -> None:
-    """Folders 2770 and files 0640 under ``folder``, itself included (symbolic links are left alone)."""
+    """Folders 0770 and files 0640 under ``folder``, itself included (symbolic links are left alone)."""
     for path, _folders, files in os.walk(folder):
         os.chmod(path, SUBMISSION_DIR_MODE)
         for name in files:

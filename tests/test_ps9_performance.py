@@ -1,0 +1,210 @@
+"""ps9_performance: a performance question graded from run directories (labkit/grading/performance.py).
+
+Four real runs are made once (``labkit train``, 40 steps each): the solution's strong-scaling pair (the
+commands written in its solution cell) and a pair with the default's small batch, which does not scale.
+With them, a right, a blank and a wrong submission are graded by the real pipeline (nbgrader
+autograde, labkit.grading) and get their exact scores; the grading of each runs pair is repeated five
+times and gives the same verdict each time (grading reads the runs, never times anything); and run
+directories that are not what the question asks for are refused with one line naming what is wrong.
+"""
+
+import csv
+import json
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit.grading.performance import RunCheckError, read_run, strong_scaling
+
+from .test_grading import COURSE, copy_course, grade, grade_id, run, submission
+
+ASSIGNMENT = "ps9_performance"
+NOTEBOOK = f"{ASSIGNMENT}.ipynb"
+HIDDEN = COURSE / "hidden_tests" / f"{ASSIGNMENT}.py"
+PROBLEMS = ["test_efficiency", "test_runs", "test_target", "scaling_answer"]
+EXPECTED = {  # student -> (total, scores of PROBLEMS; None: awaits grading by hand), out of 9
+    "perfect": (7, ["2", "2", "3", ""]),
+    "blank": (0, ["0", "0", "0", "0"]),
+    "wrong": (2, ["0", "2", "0", "0"]),
+}
+SMALL_BATCH = {"512": "32", "256": "16"}  # the default batch per worker: a step too small to split
+
+
+def source_cells():
+    source = nbformat.read(COURSE / "source" / ASSIGNMENT / NOTEBOOK, as_version=4)
+    return {grade_id(cell): cell for cell in source.cells if grade_id(cell)}
+
+
+def solutions():
+    return {gid: "\n".join(line for line in cell.source.splitlines() if "### " not in line)
+            for gid, cell in source_cells().items() if cell.metadata.nbgrader.get("solution")}
+
+
+def commands():
+    """The `labkit train` command lines written in the solution's runs cell."""
+    lines = [line.lstrip("# ").strip() for line in source_cells()["runs"].source.splitlines()]
+    found = [shlex.split(line) for line in lines if "labkit train" in line]
+    assert len(found) == 2, lines
+    return found
+
+
+def make_run(command, folder, replace=None):
+    """Run one ``OMP_NUM_THREADS=1 labkit train ...`` line in ``folder`` (with some values replaced)."""
+    env_assignments = [word for word in command if re.match(r"^[A-Z_]+=", word)]
+    words = [replace.get(w, w) if replace else w for w in command[len(env_assignments):]]
+    assert words[:2] == ["labkit", "train"], words
+    env = {**os.environ, **dict(a.split("=", 1) for a in env_assignments)}
+    result = subprocess.run([sys.executable, "-m", "labkit.cli", *words[1:], "--quiet"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """{"right": folder, "small": folder}, each holding runs/w1 and runs/w2."""
+    with tempfile.TemporaryDirectory(prefix="labkit-ps9-") as base:
+        folders = {"right": Path(base) / "right", "small": Path(base) / "small"}
+        start = time.monotonic()
+        for name, folder in folders.items():
+            folder.mkdir()
+            for command in commands():
+                make_run(command, folder, SMALL_BATCH if name == "small" else None)
+        print(f"4 runs in {time.monotonic() - start:.0f} s (load {os.getloadavg()[0]:.1f})")
+        yield folders
+
+
+def hidden_checks():
+    return runpy.run_path(str(HIDDEN), run_name="hidden_tests.ps9_performance")
+
+
+def verdict(check, folder, runs_answer):
+    """'pass' or the failure message of one hidden check, run in the submission's folder."""
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        check(runs_answer)
+        return "pass"
+    except AssertionError as failure:
+        return str(failure)
+    finally:
+        os.chdir(here)
+
+
+RUNS_ANSWER = {1: ["runs/w1"], 2: ["runs/w2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scores_are_exact(runs):
+    with tempfile.TemporaryDirectory(prefix="labkit-grading-") as folder:
+        course = copy_course(Path(folder) / "course", cell_timeout=60)
+        result = run(sys.executable, "-m", "nbgrader", "generate_assignment", ASSIGNMENT, cwd=course)
+        assert result.returncode == 0, result.stderr
+        release = nbformat.read(course / "release" / ASSIGNMENT / NOTEBOOK, as_version=4)
+        released = "\n".join(c.source for c in release.cells)
+        assert "BEGIN SOLUTION" not in released and "run_hidden_tests" not in released
+        assert "--batch-size 512" not in released
+        good = solutions()
+        wrong = {**good, "efficiency": good["efficiency"].replace("(workers * statistics.median", "(statistics.median")}
+        assert wrong["efficiency"] != good["efficiency"]
+        students = {"perfect": (submission(release, good), runs["right"]),
+                    "blank": (submission(release), None),
+                    "wrong": (submission(release, wrong), runs["small"])}
+        for student, (notebook, run_folder) in students.items():
+            target = course / "submitted" / student / ASSIGNMENT
+            target.mkdir(parents=True)
+            nbformat.write(notebook, target / NOTEBOOK)
+            if run_folder:
+                shutil.copytree(run_folder / "runs", target / "runs")
+        start = time.monotonic()
+        result = grade(course, timeout=500)
+        print(result.stdout)
+        print(f"graded {len(students)} ps9 submissions in {time.monotonic() - start:.0f} s")
+        assert result.returncode == 0, result.stdout + result.stderr
+        with open(course / "grades.csv", newline="") as file:
+            rows = {row["student"]: row for row in csv.DictReader(file)}
+        for student, (total, scores) in EXPECTED.items():
+            row = rows[student]
+            got = [row[f"{ASSIGNMENT}:{p}"] for p in PROBLEMS]
+            assert (row["score"], got) == (str(total), scores), f"{student}: {row}"
+            assert row["max_score"] == "9", student
+        feedback = (course / "feedback" / "wrong" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
+        assert "target not met: 1 worker:" in feedback  # what was measured, in the student's feedback
+
+
+@pytest.mark.slow
+def test_the_same_runs_get_the_same_grade_five_times(runs):
+    checks = hidden_checks()
+    for name, folder in runs.items():
+        verdicts = {(check, verdict(checks[check], folder, RUNS_ANSWER)) for _ in range(5) for check in ("runs", "target")}
+        assert len(verdicts) == 2, verdicts  # one verdict per check, five times over
+        target = dict(verdicts)["target"]
+        assert (target == "pass") == (name == "right"), target
+        assert dict(verdicts)["runs"] == "pass", verdicts
+    right = strong_scaling(RUNS_ANSWER, within=runs["right"], dataset="digits")
+    small = strong_scaling(RUNS_ANSWER, within=runs["small"], dataset="digits")
+    print(f"efficiency: right {right.report()}; small {small.report()} (load {os.getloadavg()[0]:.1f})")
+    assert right.efficiency >= 0.55 > small.efficiency
+
+
+def broken_copy(runs, tmp_path, change):
+    """A copy of the right runs with ``change(folder)`` applied; the message strong_scaling gives."""
+    folder = tmp_path / "sub"
+    shutil.copytree(runs["right"], folder)
+    answer = change(folder)
+    answer = answer if isinstance(answer, dict) else RUNS_ANSWER
+    with pytest.raises(RunCheckError) as failure:
+        strong_scaling(answer, within=folder, dataset="digits", model="mlp")
+    message = str(failure.value)
+    assert "\n" not in message
+    return message
+
+
+def edit_json(path, **fields):
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.slow
+def test_runs_that_are_not_what_is_asked_are_refused(runs, tmp_path):
+    def w2(folder):
+        return folder / "runs" / "w2"
+
+    cases = {
+        "keys 1 and 2": lambda f: {1: ["runs/w1"]},
+        "relative to the notebook's folder": lambda f: {1: [str(f / "runs/w1")], 2: ["runs/w2"]},
+        "inside it": lambda f: {1: ["runs/../runs/w1"], 2: ["runs/w2"]},
+        "is a symbolic link": lambda f: (shutil.move(w2(f), f / "elsewhere"), os.symlink(f / "elsewhere", w2(f)))[-1],
+        "no such run directory": lambda f: shutil.rmtree(w2(f)),
+        "summary.json is not JSON": lambda f: (w2(f) / "summary.json").write_text("{"),
+        "did not complete": lambda f: edit_json(w2(f) / "summary.json", status="failed"),
+        "ran 2 worker(s), listed under 1": lambda f: {1: ["runs/w2"], 2: ["runs/w1"]},
+        "strong scaling keeps the global batch": lambda f: edit_json(
+            w2(f) / "config.json", config={**json.loads((w2(f) / "config.json").read_text())["config"], "batch_size": 512}),
+        "differ in steps": lambda f: edit_json(
+            w2(f) / "config.json", config={**json.loads((w2(f) / "config.json").read_text())["config"], "steps": 80}),
+        "line 3 of metrics.jsonl is not JSON": lambda f: (w2(f) / "metrics.jsonl").write_text(
+            "\n".join((w2(f) / "metrics.jsonl").read_text().splitlines()[:2] + ["{not json"]) + "\n"),
+        "expected one from each of its 2 workers": lambda f: (w2(f) / "metrics.jsonl").write_text("".join(
+            line + "\n" for line in (w2(f) / "metrics.jsonl").read_text().splitlines() if '"rank":1' not in line)),
+    }
+    for expected, change in cases.items():
+        message = broken_copy(runs, tmp_path, change)
+        assert expected in message, (expected, message)
+        shutil.rmtree(tmp_path / "sub")
+    with pytest.raises(RunCheckError, match="at least 50 are needed"):
+        strong_scaling(RUNS_ANSWER, within=runs["right"], min_intervals=50)
+    with pytest.raises(RunCheckError, match="the question asks for 'mnist'"):
+        strong_scaling(RUNS_ANSWER, within=runs["right"], dataset="mnist")
+    assert len(read_run("runs/w1", runs["right"]).step_seconds) == 6  # 8 records, 7 intervals, warm-up dropped
