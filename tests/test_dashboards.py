@@ -123,9 +123,10 @@ def test_collectives(browser, voila):
     expect(page.page.get_by_text("6 steps recorded from labkit's code")).to_be_visible()  # ring, 4 ranks
     slider = slider_right(page, "step", 2)
     expect(slider.locator(".widget-readout")).to_have_text("2")
-    page.wait_changed(sel, before)
+    after = page.wait_changed(sel, before)
     page.page.locator(".widget-dropdown", has_text="algorithm").locator("select").select_option("tree")
     expect(page.page.get_by_text("5 steps recorded from labkit's code")).to_be_visible()
+    page.wait_changed(sel, after)
     page.screenshot()
 
 

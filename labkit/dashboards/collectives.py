@@ -30,7 +30,17 @@ import torch
 from ..comm.base import Communicator
 from ..comm.collectives import ALLREDUCE_ALGORITHMS
 from ..comm.costmodel import critical_path, predict
-from .common import figure, picture, png, read_json, results_dir, status_line, write_json
+from .common import (
+    STYLE,
+    WIDE,
+    figure,
+    picture,
+    png,
+    read_json,
+    results_dir,
+    status_line,
+    write_json,
+)
 
 ALGORITHMS = tuple(ALLREDUCE_ALGORITHMS)  # ring, tree, recursive_doubling, parameter_server
 LABELS = {"ring": "ring", "tree": "tree", "recursive_doubling": "recursive doubling",
@@ -361,23 +371,23 @@ class CollectivesDashboard:
     def __init__(self, n: int = 4):
         import ipywidgets as w
 
-        self.ranks = w.IntSlider(value=n, min=2, max=8, description="ranks",
+        self.ranks = w.IntSlider(value=n, min=2, max=8, description="ranks", style=STYLE,
                                  tooltip="N: the number of ranks taking part in the allreduce")
         self.algorithm = w.Dropdown(options=[(LABELS[a], a) for a in ALGORITHMS], value="ring",
-                                    description="algorithm", tooltip="labkit.comm.collectives: which allreduce")
+                                    description="algorithm", style=STYLE, tooltip="labkit.comm.collectives: which allreduce")
         self.play = w.Play(value=0, min=0, max=1, interval=900, description="play", tooltip="play the steps")
-        self.step = w.IntSlider(value=0, min=0, max=1, description="step", tooltip="the step shown (0: before any)")
+        self.step = w.IntSlider(value=0, min=0, max=1, description="step", style=STYLE, tooltip="the step shown (0: before any)")
         w.jslink((self.play, "value"), (self.step, "value"))
         self.steps_note = w.HTML()
         self.anim = picture("collectives-steps")
-        self.measure_button = w.Button(description="Measure on this machine", icon="stopwatch",
+        self.measure_button = w.Button(layout=WIDE, description="Measure on this machine", icon="stopwatch",
                                        tooltip="start N gloo ranks here, fit α and β on a ping-pong and time "
                                                "every algorithm at 4 KB, 64 KB and 1 MB (about 10-20 s)")
         self.status = status_line()
         self.model = picture("collectives-model")
-        self.size_mb = w.FloatLogSlider(value=64, base=2, min=-4, max=10, step=1, description="MB",
+        self.size_mb = w.FloatLogSlider(value=64, base=2, min=-4, max=10, step=1, description="MB", style=STYLE,
                                         tooltip="size of the allreduced buffer on the modelled cluster")
-        self.gpus = w.Dropdown(options=[2, 4, 8], value=2, description="GPUs/node",
+        self.gpus = w.Dropdown(options=[2, 4, 8], value=2, description="GPUs/node", style=STYLE,
                                tooltip="GPUs per node of the modelled cluster")
         self.topology = picture("collectives-topology")
         self.schedules: dict[tuple, dict] = {}

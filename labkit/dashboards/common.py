@@ -18,6 +18,8 @@ from pathlib import Path
 import ipywidgets as w
 from matplotlib.figure import Figure
 
+STYLE = {"description_width": "initial"}  # labels in full, not cut to the default width
+WIDE = w.Layout(width="auto")  # buttons as wide as their label
 PLOT_CLASS = "labkit-plot"  # every picture of every dashboard carries it (the browser test looks for it)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compress import available_compressors, make_compressor
-from .common import figure, picture, png, status_line
+from .common import STYLE, figure, picture, png, status_line
 
 STEPS = 10
 BATCH = 64
@@ -133,13 +133,13 @@ class CompressionDashboard:
         import ipywidgets as w
 
         self.status = status_line()
-        self.model = w.Dropdown(options=["lenet", "mlp"], value=model, description="model",
+        self.model = w.Dropdown(options=["lenet", "mlp"], value=model, description="model", style=STYLE,
                                 tooltip="the labkit model whose real gradients are compressed")
-        self.ratio = w.SelectionSlider(options=list(RATIOS), value=0.01, description="ratio",
+        self.ratio = w.SelectionSlider(options=list(RATIOS), value=0.01, description="ratio", style=STYLE,
                                        tooltip="share of values kept by topk, randomk and dgc")
-        self.steps = w.IntSlider(value=1, min=1, max=STEPS, description="steps",
+        self.steps = w.IntSlider(value=1, min=1, max=STEPS, description="steps", style=STYLE,
                                  tooltip="error of the update summed over this many steps")
-        self.focus = w.Dropdown(options=available_compressors(), value="topk", description="curve",
+        self.focus = w.Dropdown(options=available_compressors(), value="topk", description="curve", style=STYLE,
                                 tooltip="the compressor drawn on the right")
         self.plot = picture("compression")
         self.grads = {}

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -24,6 +23,8 @@ import torch
 from ..parallel.gantt import draw_timeline
 from ..parallel.pipeline import bubble_fraction_model, make_schedule, simulate
 from .common import (
+    STYLE,
+    WIDE,
     figure,
     picture,
     png,
@@ -40,8 +41,9 @@ BATCH = 64
 SCHEDULES = ("gpipe", "1f1b")
 
 
-def micro_batch_times(microbatches: int, batch: int = BATCH, hidden=HIDDEN, repeats: int = 5) -> tuple[float, float]:
-    """(forward, backward) seconds of one micro-batch through the whole MLP, median of ``repeats``."""
+def micro_batch_times(microbatches: int, batch: int = BATCH, hidden=HIDDEN, repeats: int = 10) -> tuple[float, float]:
+    """(forward, backward) seconds of one micro-batch through the whole MLP: the fastest of
+    ``repeats`` (on a busy machine the other processes only ever add time)."""
     from ..parallel.reference import make_mlp
 
     model = make_mlp(hidden=hidden)
@@ -56,7 +58,7 @@ def micro_batch_times(microbatches: int, batch: int = BATCH, hidden=HIDDEN, repe
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-    return statistics.median(fwd[1:]), statistics.median(bwd[1:])
+    return min(fwd[1:]), min(bwd[1:])
 
 
 def simulated_timeline(schedule: str, stages: int, microbatches: int, forward: float, backward: float) -> dict:
@@ -235,16 +237,16 @@ class ParallelismDashboard:
     def __init__(self):
         import ipywidgets as w
 
-        self.stages = w.IntSlider(value=4, min=2, max=6, description="stages",
+        self.stages = w.IntSlider(value=4, min=2, max=6, description="stages", style=STYLE,
                                   tooltip="p: pipeline stages (labkit train --pipeline-stages)")
-        self.microbatches = w.IntSlider(value=4, min=1, max=16, description="micro-batches",
+        self.microbatches = w.IntSlider(value=4, min=1, max=16, description="micro-batches", style=STYLE,
                                         tooltip="M: micro-batches per mini-batch (labkit train --microbatches)")
         self.schedule = w.ToggleButtons(options=SCHEDULES, value="1f1b", description="schedule",
                                         tooltip="labkit train --schedule")
         self.timeline = picture("parallelism-timeline")
-        self.ranks = w.Dropdown(options=[2, 4], value=2, description="ranks",
+        self.ranks = w.Dropdown(options=[2, 4], value=2, description="ranks", style=STYLE,
                                 tooltip="real ranks to start for the memory measurement")
-        self.measure_button = w.Button(description="Measure on real ranks", icon="stopwatch",
+        self.measure_button = w.Button(layout=WIDE, description="Measure on real ranks", icon="stopwatch",
                                        tooltip="start the ranks, run every parallelism two steps, record what each "
                                                "rank holds and the pipeline timelines (about 10-30 s)")
         self.status = status_line()

@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 
-from .common import figure, picture, png, read_summaries, runs_dir, status_line
+from .common import STYLE, WIDE, figure, picture, png, read_summaries, runs_dir, status_line
 
 FAMILY_KEYS = ("model", "dataset", "sync", "compression", "parallelism")
 DEFAULT_FAMILY = {"model": "mlp", "dataset": "digits", "sync": "allreduce", "compression": "none",
@@ -173,20 +173,20 @@ class ScalingDashboard:
         import ipywidgets as w
 
         self.runs = collect()
-        self.family = w.Dropdown(description="runs of", tooltip="model / dataset / sync / compression / parallelism")
-        self.workers = w.Text(value="1,2,4", description="workers",
+        self.family = w.Dropdown(description="runs of", style=STYLE, tooltip="model / dataset / sync / compression / parallelism")
+        self.workers = w.Text(value="1,2,4", description="workers", style=STYLE,
                               tooltip="the worker counts of the grid, like 1,2,4 (labkit train --workers)")
-        self.global_batch = w.IntText(value=32, description="global batch",
+        self.global_batch = w.IntText(value=32, description="global batch", style=STYLE,
                                       tooltip="strong scaling: the global batch, split over the workers")
-        self.per_worker = w.IntText(value=32, description="batch/worker",
+        self.per_worker = w.IntText(value=32, description="batch/worker", style=STYLE,
                                     tooltip="weak scaling: the batch of each worker (labkit train --batch-size)")
         self.kinds = w.Dropdown(options=[("strong and weak", ("strong", "weak")), ("strong", ("strong",)),
-                                         ("weak", ("weak",))], value=("strong", "weak"), description="grid",
+                                         ("weak", ("weak",))], value=("strong", "weak"), description="grid", style=STYLE,
                                 tooltip="which scaling series the button completes")
-        self.make = w.Button(description="Make the missing runs", icon="play",
+        self.make = w.Button(layout=WIDE, description="Make the missing runs", icon="play",
                              tooltip=f"tiny runs ({TINY['steps']} steps each) of the chosen family, one after "
                                      "another, saved with your runs")
-        self.refresh = w.Button(description="Reload runs", icon="refresh", tooltip="read the runs directory again")
+        self.refresh = w.Button(layout=WIDE, description="Reload runs", icon="refresh", tooltip="read the runs directory again")
         self.status = status_line()
         self.plot = picture("scaling")
         self.set_families()

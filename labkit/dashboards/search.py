@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import figure, picture, png, read_summaries, runs_dir, status_line
+from .common import STYLE, WIDE, figure, picture, png, read_summaries, runs_dir, status_line
 
 LAMBDAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 TINY = {"epochs": 2, "warmup_epochs": 1, "retrain_epochs": 2, "batch_size": 64}
@@ -115,14 +115,14 @@ class SearchDashboard:
 
         self.searches = collect()
         self.weight = w.SelectionSlider(options=[(f"{x:g}", x) for x in LAMBDAS], value=LAMBDAS[0],
-                                        description="λ2", continuous_update=False,
+                                        description="λ2", style=STYLE, continuous_update=False,
                                         tooltip="labkit nas --latency-weight: the weight of E[latency] (ms) in "
                                                 "the loss")
-        self.run_button = w.Button(description="Run this search", icon="play",
+        self.run_button = w.Button(layout=WIDE, description="Run this search", icon="play",
                                    tooltip=f"a tiny search at this λ2 ({TINY['epochs']} search epochs, "
                                            f"{TINY['retrain_epochs']} retraining epochs; 15-40 s), saved with "
                                            "your runs")
-        self.run_all = w.Button(description="Run the missing ones", icon="forward",
+        self.run_all = w.Button(layout=WIDE, description="Run the missing ones", icon="forward",
                                 tooltip="one tiny search for every λ2 of the slider that has none yet")
         self.status = status_line()
         self.plot = picture("search")
