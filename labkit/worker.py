@@ -69,6 +69,7 @@ def _on_sigterm(signum, frame):
 
 
 _finishing = False  # this rank has done its last step: a dead launcher does not interrupt it
+_parent = [os.getppid()]  # this rank's parent when it started
 
 
 def _launcher_of(meta: dict) -> dict | None:
@@ -81,7 +82,14 @@ def _launcher_of(meta: dict) -> dict | None:
 def _finalize_orphan(run: RunDir, launched: dict | None, rank: int) -> None:
     """The process that launched the run is gone: write the run's summary (``stopped``, or
     ``failed`` with a rank's own error) unless someone already has."""
-    if launched is None or process_alive(launched):
+    if launched is None:
+        return
+    if os.getppid() != _parent[0] and process_alive(launched):
+        # reparented: the parent is dying, and /proc shows it as a zombie only a moment later
+        deadline = time.monotonic() + 5
+        while process_alive(launched) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if process_alive(launched):
         return
     try:
         run.settle(found_by=f"rank {rank}", ranks_may_run=True)

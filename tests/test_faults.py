@@ -146,3 +146,38 @@ def test_a_run_directory_that_vanishes_ends_the_run_in_one_line(tmp_path, no_lef
     assert "Traceback" not in err
     failed = [line for line in err.splitlines() if line.startswith("labkit: run failed:")]
     assert failed == [f"labkit: run failed: the run directory {run_dir} vanished while the run went on"], err
+
+
+# --- a rank that stops answering, a run directory that cannot be one --------------------------
+@pytest.mark.timeout(150)
+def test_a_silent_rank_is_named_with_the_timeout_that_caught_it(tmp_path, no_leftovers):
+    import signal
+    import time
+
+    import labkit
+
+    run_dir = tmp_path / "silent"
+    run = labkit.launch(labkit.RunConfig(workers=2, steps=100000, timeout=3, log_every=1, run_dir=str(run_dir)))
+    files = RunDir(run_dir)
+    deadline = time.monotonic() + 100
+    while not [r for r in files.metrics("train") if r["rank"] == 1]:
+        assert time.monotonic() < deadline and not run.done(), run.result()
+        time.sleep(0.1)
+    pid = [e["pid"] for e in files.metrics("event") if e["event"] == "started" and e["rank"] == 1][0]
+    os.kill(pid, signal.SIGSTOP)
+    result = run.wait(timeout=100)
+    assert result.status == "failed"
+    assert result.error == (f"rank 1 stopped answering (its process was stopped and never continued): rank 0 gave "
+                            f"up waiting for it after the 3 s communication timeout (--timeout 3); "
+                            f"see {run_dir / 'logs' / 'rank-1.log'}")
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(60)
+def test_a_run_dir_under_a_regular_file_is_one_line(tmp_path):
+    regular = tmp_path / "a-file"
+    regular.write_text("keep me\n")
+    out = run_cli("train", "--quiet", "--steps", "5", "--run-dir", regular / "run", timeout=50)
+    assert out.returncode == 2
+    _one_line(out.stderr, f"labkit: error: --run-dir: cannot lock {regular / 'run'}: Not a directory")
+    assert regular.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [regular]

@@ -203,8 +203,11 @@ class Run:
         own = [e for e in errors if not e.get("peer_error")]
         if own:
             return own[0]["error"]
-        if self._silent and errors:  # the others gave up waiting on a rank that was alive but mute
-            rank, state = sorted(self._silent.items())[0]
+        first_killed = self._first_failure is not None and self._first_failure[1].startswith("killed")
+        reported = {e.get("rank") for e in errors}
+        silent = {r: how for r, how in self._silent.items() if r not in reported}
+        if silent and errors and not first_killed:  # the others gave up waiting on a rank alive but mute
+            rank, state = sorted(silent.items())[0]
             waiting = errors[0].get("rank")
             timeout = self.config.timeout
             return (f"rank {rank} stopped answering ({state}): rank {waiting} gave up waiting for it after "
