@@ -73,11 +73,11 @@ def compressed_ranks(comm) -> dict:
             model = make_mlp()
             compressor = make_compressor(name)
             sync = (DataParallelNaive(model, comm, compressor=compressor) if way == "naive" else
-                    DataParallelBucketed(model, comm, bucket_mb=0.01, compressor=compressor))
+                    DataParallelBucketed(model, comm, bucket_mb=0.03, compressor=compressor))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
             before = comm.stats.bytes_sent
             grads = []
-            for _ in range(3):
+            for _ in range(2):
                 optimizer.zero_grad()
                 sync.forward_backward(x, y)
                 grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
@@ -116,7 +116,7 @@ def test_every_compressor_runs_under_naive_and_bucketed(ranks):
             cases = [r["every"][name, way] for r in ranks]
             if way == "bucketed":
                 assert cases[0]["buckets"] > 1
-            for step in range(3):
+            for step in range(2):
                 g0, g1 = (torch.from_numpy(c["grads"][step]) for c in cases)
                 assert torch.isfinite(g0).all() and g0.abs().sum() > 0, (name, way, step)
                 torch.testing.assert_close(g0, g1, rtol=0, atol=0, msg=f"{name} {way}: ranks differ")
