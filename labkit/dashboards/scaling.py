@@ -144,6 +144,8 @@ def parse_workers(text: str) -> list[int]:
 
 
 def scaling_png(runs: list[dict], family: tuple, wanted: list[tuple]) -> bytes:
+    from matplotlib.ticker import MaxNLocator
+
     fig = figure(11, 4.2)
     axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.07, right=0.98, bottom=0.14, top=0.84, wspace=0.22))
     count = sum(r["family"] == family for r in runs)
@@ -160,6 +162,7 @@ def scaling_png(runs: list[dict], family: tuple, wanted: list[tuple]) -> bytes:
                 ax.annotate(f"{t * 1e3:.0f} ms" + (f" ×{k}" if k > 1 else ""), (n, e), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
         ax.axhline(1.0, color="gray", ls=":", lw=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="workers", ylabel="efficiency", ylim=(0, 1.3),
                title=f"{kind} scaling" + ("" if lines else " (no runs yet)"))
         ax.grid(alpha=0.3)
