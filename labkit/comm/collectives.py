@@ -45,6 +45,7 @@ FAST_RING_TAG = 1000  # + direction; messages between two ranks with one tag arr
 SEGMENT_BYTES = 4 << 20  # as NCCL_BUFFSIZE: 4 MB
 MAX_SEGMENTS = 64  # per chunk: segments grow for larger chunks
 PIPELINE_DEPTH = 2  # segments in flight per direction, as in gloo's ring
+RECEIVE_AHEAD = 2  # receives posted before their send is due (each holds a scratch segment)
 _SCRATCH = threading.local()  # the fast ring's receive buffers, reused between calls
 
 
@@ -141,8 +142,11 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
     - each chunk moves as segments of about ``segment_bytes`` (at most ``MAX_SEGMENTS`` a
       chunk), ``depth`` of them in flight: the add of one segment overlaps the transfer
       of the next;
-    - the received segments land in ``depth`` scratch buffers kept from call to call
-      (no allocation, and a buffer just added is still in cache when it is reused);
+    - each receive is posted ``RECEIVE_AHEAD`` operations early, so that the neighbour's
+      send finds it waiting and goes out at once rather than through the transport's
+      own thread (in gloo a send waits until the receiver has said it is ready);
+    - the received segments land in scratch buffers kept from call to call (no
+      allocation, and a buffer just added is still in cache when it is reused);
     - ``bidirectional``: half of the tensor goes round to the right and half to the left
       (what NCCL does to use both directions of every link).
 
@@ -184,8 +188,13 @@ class _RingPipeline:
     chunk ``rank - d * (step + 1)`` from the previous one (d = +1 or -1, the direction).
     In the first N-1 steps the received segment lands in a scratch buffer and is added to
     this rank's copy (reduce-scatter); in the last N-1 it lands in its place (allgather).
-    At most ``depth`` operations are in flight; ``depth <= k`` keeps that exact: what
-    operation i sends was received and added by operation i - k, already finished.
+
+    At most ``depth`` operations are in flight, and the receive of an operation is posted
+    ``ahead`` operations before its send, so that the sender finds it posted and writes at
+    once. What makes this exact: operation i sends what operation i - k received and
+    added (finished, as k >= depth); a receive in place at operation m overwrites what
+    operation m - (N-1)k sent (finished, as ahead <= (N-1)k - depth); a scratch buffer
+    is reused depth + ahead operations later, when its add is done.
     """
 
     def __init__(self, comm: Communicator, part: torch.Tensor, way: int, segment_bytes: int, depth: int):
@@ -196,27 +205,42 @@ class _RingPipeline:
         per_chunk = min(MAX_SEGMENTS, max(1, -(-longest * part.element_size() // max(1, segment_bytes))))
         pieces = [chunk.tensor_split(per_chunk) for chunk in chunks]
         self.depth = max(1, min(depth, per_chunk))
+        self.ahead = max(0, min(RECEIVE_AHEAD, (n - 1) * per_chunk - self.depth))
         self.comm, self.tag = comm, FAST_RING_TAG + way
         self.right, self.left = (rank + d) % n, (rank - d) % n
-        self.buffers = _scratch(part, way, self.depth, pieces[0][0].numel())
+        self.buffers = _scratch(part, way, self.depth + self.ahead, pieces[0][0].numel())
         self.reducing = (n - 1) * per_chunk  # operations before this index add what they receive
         self.ops = [(pieces[(rank - d * step) % n][segment], pieces[(rank - d * (step + 1)) % n][segment])
                     for step in range(2 * (n - 1)) for segment in range(per_chunk)]
+        self.receives: dict = {}
+        self.posted = 0  # receives posted so far
         self.in_flight: deque = deque()
 
     def post(self, index: int) -> None:
-        """Start operation ``index`` once fewer than ``depth`` are in flight."""
+        """Start operation ``index``: its receive (if not yet posted) and those ``ahead``
+        of it, then its send, once fewer than ``depth`` operations are in flight."""
         if len(self.in_flight) == self.depth:
             self._complete()
-        outgoing, target = self.ops[index]
-        into = self.buffers[index % self.depth][:target.numel()] if index < self.reducing else target
-        receive = self.comm.irecv(into, self.left, self.tag) if target.numel() else None
+        while self.posted <= min(index + self.ahead, len(self.ops) - 1):
+            self._post_receive(self.posted)
+            self.posted += 1
+        outgoing = self.ops[index][0]
         send = self.comm.isend(outgoing, self.right, self.tag) if outgoing.numel() else None
-        self.in_flight.append((receive, send, into, target))
+        self.in_flight.append((index, send))
+
+    def _post_receive(self, index: int) -> None:
+        target = self.ops[index][1]
+        if index < self.reducing:
+            into = self.buffers[index % len(self.buffers)][:target.numel()]
+        else:
+            into = target
+        request = self.comm.irecv(into, self.left, self.tag) if target.numel() else None
+        self.receives[index] = (request, into, target)
 
     def _complete(self) -> None:
         """Wait for the oldest operation; add what it received if it is a reduce."""
-        receive, send, into, target = self.in_flight.popleft()
+        index, send = self.in_flight.popleft()
+        receive, into, target = self.receives.pop(index)
         if receive is not None:
             receive.wait()
             if into is not target:
