@@ -105,3 +105,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("labkit.grading: error: "), lines
     assert lines[0].endswith(message), lines
+
+
+def test_progress_is_a_bar_or_one_line_per_notebook(capsys):
+    from labkit.grading.pipeline import NotebookRun, _Progress
+
+    run = NotebookRun("alice", "ps0_warmup", "ps0_warmup")
+    lines = _Progress(2, bar=False)
+    lines.done(run, "alice  7 / 9")
+    lines.close()
+    assert capsys.readouterr().err == "  [1/2] alice  7 / 9\n"
+    bar = _Progress(2, bar=True)
+    bar.done(run, "alice  7 / 9")
+    bar.done(run, "bob  0 / 9")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "  [1/2] alice  7 / 9\n" in err and "  [2/2] bob  0 / 9\n" in err
+    assert "2/2" in err.replace("[2/2]", "") and "notebook" in err  # the bar itself
