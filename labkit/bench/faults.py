@@ -102,12 +102,12 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 def _finish(proc: subprocess.Popen, timeout: float = WAIT_S) -> tuple[int, str]:
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        proc.communicate()
         return -9, "hung: killed by the benchmark after %.0f s" % timeout
-    return proc.returncode, err
+    return proc.returncode, err + (out or "")  # a completed run says so on stdout
 
 
 def _cause(stderr: str) -> str:
