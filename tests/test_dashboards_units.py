@@ -193,8 +193,16 @@ def test_pipeline_runs_are_read_from_summaries(tmp_path):
     (run / "summary.json").write_text(json.dumps({"status": "completed", "bubble_fraction": 0.31,
                                                   "microbatches": 4, "schedule": "gpipe",
                                                   "grid": {"data": 1, "pipeline": 2, "tensor": 1}}))
-    assert parallelism.pipeline_runs(tmp_path) == [{"run_dir": str(run), "stages": 2, "microbatches": 4,
-                                                    "schedule": "gpipe", "bubble": 0.31}]
+    runs = parallelism.pipeline_runs(tmp_path)
+    assert runs == [{"run_dir": str(run), "stages": 2, "microbatches": 4, "schedule": "gpipe", "bubble": 0.31}]
+    assert parallelism.run_timeline(runs, "gpipe", 2, 4) is None  # it recorded no timeline
+    events = [[{"kind": "forward", "microbatch": 0, "start": 0.0 + s, "end": 0.1 + s}] for s in (0, 0.1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"kind": "event", "event": "timeline", "rank": s, "step": 5, "stage": s, "events": events[s],
+         "bubble_fraction": 0.3}) + "\n" for s in (0, 1)))
+    assert parallelism.run_timeline(runs, "gpipe", 2, 4) == (str(run), events)
+    assert parallelism.run_timeline(runs, "1f1b", 2, 4) is None
+    assert parallelism.timeline_png("gpipe", 2, 4, (0.01, 0.02), runs=runs).startswith(PNG)
 
 
 # --- search -------------------------------------------------------------------------------------------

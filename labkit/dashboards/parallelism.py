@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,6 +82,19 @@ def pipeline_runs(root=None) -> list[dict]:
     return out
 
 
+def run_timeline(runs: list[dict], schedule: str, stages: int, microbatches: int) -> tuple[str, list] | None:
+    """(run directory, per-stage events) of the user's latest pipeline run with these settings that
+    recorded a timeline (:func:`labkit.parallel.gantt.timeline_from_run`), or None."""
+    from ..parallel.gantt import timeline_from_run
+
+    for r in reversed(runs or []):
+        if (r["stages"], r["microbatches"], r["schedule"]) == (stages, microbatches, schedule):
+            ranks = timeline_from_run(r["run_dir"])["ranks"]
+            if len(ranks) == stages:
+                return r["run_dir"], ranks
+    return None
+
+
 def timeline_png(schedule: str, stages: int, microbatches: int, times: tuple[float, float],
                  measured: dict | None = None, runs: list[dict] | None = None) -> bytes:
     fig = figure(11, 4.4)
@@ -89,9 +103,14 @@ def timeline_png(schedule: str, stages: int, microbatches: int, times: tuple[flo
     sim = simulated_timeline(schedule, stages, microbatches, *times)
     model = bubble_fraction_model(stages, microbatches)
     real = (measured or {}).get("timelines", {}).get(f"{schedule} m{microbatches}")
+    saved = run_timeline(runs, schedule, stages, microbatches)
     if real and len(real) == stages:
         draw_timeline(gantt, real, title=f"{schedule}, {stages} real ranks, {microbatches} micro-batches")
         gantt.set_xlabel("seconds since the start of the step (measured)")
+    elif saved:
+        draw_timeline(gantt, saved[1], title=f"{schedule}, {stages} stages, {microbatches} micro-batches: "
+                                             f"your run {Path(saved[0]).name}")
+        gantt.set_xlabel("seconds since the start of the step (its last recorded step)")
     else:
         draw_timeline(gantt, sim["ranks"], title=f"{schedule}, {stages} stages, {microbatches} micro-batches "
                                                  f"(simulated, times of this machine)")
