@@ -102,8 +102,8 @@ def time_modules(modules: list, shapes: list, device: str = "cpu", warmup: int =
     inputs = [torch.randn(1, *shape, device=device) for shape in shapes]
     times: list[list[float]] = [[] for _ in modules]
     with torch.inference_mode():
-        # warm-up: rounds of every module, at least ``warmup`` of them and WARMUP_S seconds (the
-        # first second of a fresh process runs many times slower: caches, allocator, kernels)
+        # warm-up: rounds of every module, at least ``warmup`` of them and WARMUP_S seconds (the first
+        # calls of a fresh process are often slower: cold caches, the allocator growing, kernels built)
         start = time.perf_counter()
         rounds = 0
         while rounds < warmup or time.perf_counter() - start < WARMUP_S:
