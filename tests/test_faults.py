@@ -148,7 +148,7 @@ def test_a_run_directory_that_vanishes_ends_the_run_in_one_line(tmp_path, no_lef
     assert failed == [f"labkit: run failed: the run directory {run_dir} vanished while the run went on"], err
 
 
-# --- a rank that stops answering, a run directory that cannot be one --------------------------
+# --- a rank that stops answering --------------------------
 @pytest.mark.timeout(150)
 def test_a_silent_rank_is_named_with_the_timeout_that_caught_it(tmp_path, no_leftovers):
     import signal
@@ -171,13 +171,3 @@ def test_a_silent_rank_is_named_with_the_timeout_that_caught_it(tmp_path, no_lef
                             f"up waiting for it after the 3 s communication timeout (--timeout 3); "
                             f"see {run_dir / 'logs' / 'rank-1.log'}")
     assert not list(run_dir.rglob("*.tmp"))
-
-
-@pytest.mark.timeout(60)
-def test_a_run_dir_under_a_regular_file_is_one_line(tmp_path):
-    regular = tmp_path / "a-file"
-    regular.write_text("keep me\n")
-    out = run_cli("train", "--quiet", "--steps", "5", "--run-dir", regular / "run", timeout=50)
-    assert out.returncode == 2
-    _one_line(out.stderr, f"labkit: error: --run-dir: cannot lock {regular / 'run'}: Not a directory")
-    assert regular.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [regular]
