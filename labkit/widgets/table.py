@@ -31,17 +31,21 @@ def _parallelism(config: dict, summary: dict) -> str:
 def run_row(run_dir) -> dict:
     """One row of the table: what the run was (config.json) and how it went (summary.json)."""
     run = RunDir(run_dir)
-    config = run.read_config()["config"]
-    summary = run.read_summary() or {"status": "running"}
-    params = ",".join(f"{k}={v}" for k, v in sorted(config["compression_params"].items()))
+    try:
+        config = run.read_config().get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        config = {}  # damaged: the row shows what can be read
+    # a run whose launching process is gone is finalized here, by its first reader
+    summary = run.settle(found_by="the run table") or {"status": "running"}
+    params = ",".join(f"{k}={v}" for k, v in sorted((config.get("compression_params") or {}).items()))
     sent = summary.get("bytes_sent")
     return {
         "run": run.path.name,
         "parallelism": _parallelism(config, summary),
-        "sync": config["sync"],
-        "compression": config["compression"] + (f" ({params})" if params else ""),
-        "workers": str(config["workers"]),
-        "status": summary["status"],
+        "sync": str(config.get("sync", "?")),
+        "compression": str(config.get("compression", "?")) + (f" ({params})" if params else ""),
+        "workers": str(config.get("workers", "?")),
+        "status": str(summary.get("status", "damaged")),
         "test accuracy": _number(summary.get("test_accuracy"), 4),
         "wall time (s)": _number(summary.get("wall_time_s"), 1),
         "MB sent": _number(None if sent is None else sent / 1e6, 2),
