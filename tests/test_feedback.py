@@ -216,6 +216,13 @@ def test_self_check_runs_the_visible_tests_and_lists_the_hidden_groups(tmp_path)
     assert "run_hidden_tests" not in json.dumps(nbformat.read(path, as_version=4))
 
 
+def test_self_check_does_nothing_while_nbgrader_runs(monkeypatch):
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    out = io.StringIO()
+    assert self_check(SOURCE, {}, file=out) is None
+    assert out.getvalue() == "self-check skipped while nbgrader runs\n"
+
+
 def test_self_check_command_needs_a_notebook(tmp_path, capsys):
     missing = tmp_path / "nothing.ipynb"
     assert selfcheck_main([str(missing)]) == 2
