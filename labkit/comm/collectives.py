@@ -215,6 +215,7 @@ class _RingPipeline:
         self.receives: dict = {}
         self.posted = 0  # receives posted so far
         self.in_flight: deque = deque()
+        self.sending: deque = deque()  # (index, request) of sends not yet waited on
 
     def post(self, index: int) -> None:
         """Start operation ``index``: its receive (if not yet posted) and those ``ahead``
@@ -233,7 +234,9 @@ class _RingPipeline:
         if index < self.reducing:
             into = self.buffers[index % len(self.buffers)][:target.numel()]
         else:
-            into = target
+            into = target  # what operation index - (N-1)k sent from here must be out
+            while self.sending and self.sending[0][0] <= index - self.reducing:
+                self.sending.popleft()[1].wait()
         request = self.comm.irecv(into, self.left, self.tag) if target.numel() else None
         self.receives[index] = (request, into, target)
 
@@ -246,11 +249,13 @@ class _RingPipeline:
             if into is not target:
                 target.add_(into)
         if send is not None:
-            send.wait()
+            self.sending.append((index, send))  # waited on only when its memory is needed
 
     def drain(self) -> None:
         while self.in_flight:
             self._complete()
+        while self.sending:
+            self.sending.popleft()[1].wait()
 
 
 # --- binary tree --------------------------------------------------------------------------
