@@ -10,14 +10,47 @@ is all it takes to make it selectable from the command line and from the control
     @COMPRESSORS.register("fp16", help="half-precision floats, 2 bytes per value")
     class FP16Compressor: ...
 
-Registries are filled when the packages that define the implementations are imported;
-``import labkit`` imports all of them.
+Registries are filled when the packages that define the implementations are imported.
+Reading a registry (its names, an entry, ``in``) imports all of them first (:func:`fill`),
+so nothing ever lists half the choices; ``names()`` alone may answer from the names the
+last full fill remembered (:mod:`labkit.choices`), which lets ``labkit train --help``
+list every choice without importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+# the packages whose import registers choices (every registry below is filled by them)
+REGISTERING = ("labkit.algorithms", "labkit.comm", "labkit.compress", "labkit.data", "labkit.models",
+               "labkit.optim", "labkit.parallel", "labkit.launch")
+_filled = False
+_filling = False
+_fill_lock = threading.RLock()
+
+
+def fill() -> None:
+    """Import every package that registers choices (once, whichever thread asks first; the
+    others wait for it), and remember their names for the next process."""
+    global _filled, _filling
+    if _filled:
+        return
+    with _fill_lock:
+        if _filled or _filling:  # done meanwhile, or asked again by the imports themselves
+            return
+        _filling = True
+        try:
+            for name in REGISTERING:
+                importlib.import_module(name)
+        finally:
+            _filling = False
+        _filled = True
+    from . import choices
+
+    choices.save({r.kind: list(r._entries) for r in ALL})
 
 
 @dataclass(frozen=True)
@@ -54,6 +87,7 @@ class Registry:
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry:
+        fill()
         try:
             return self._entries[name]
         except KeyError:
@@ -62,18 +96,30 @@ class Registry:
             ) from None
 
     def names(self) -> list[str]:
+        if not _filled:
+            from . import choices
+
+            remembered = choices.load()
+            if remembered is not None and self.kind in remembered:
+                known = remembered[self.kind]
+                return known + [n for n in self._entries if n not in known]
+        fill()
         return list(self._entries)
 
     def entries(self) -> list[Entry]:
+        fill()
         return list(self._entries.values())
 
     def __contains__(self, name: object) -> bool:
+        fill()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
+        fill()
         return iter(self._entries)
 
     def __len__(self) -> int:
+        fill()
         return len(self._entries)
 
     def __repr__(self) -> str:
@@ -88,3 +134,4 @@ LAUNCHERS = Registry("launcher", "--launcher")
 BACKENDS = Registry("backend", "--backend")
 PARALLELISMS = Registry("parallelism", "--parallelism")
 OPTIMIZERS = Registry("optimizer", "--optimizer")
+ALL = (MODELS, DATASETS, SYNC_MODES, COMPRESSORS, LAUNCHERS, BACKENDS, PARALLELISMS, OPTIMIZERS)

@@ -10,6 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 LABKIT = [PYTHON, "-m", "labkit.cli"]
 
+# panels built by tests and by the notebooks they run start no pool of warm ranks
+# (tests that want one ask for a size themselves)
+os.environ.setdefault("LABKIT_WARM_RANKS", "0")
+
 
 def run_cli(*args, cwd=None, timeout=300, env=None):
     """Run ``labkit ARGS`` in a subprocess; returns CompletedProcess (text)."""

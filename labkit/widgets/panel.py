@@ -20,8 +20,11 @@ jobs and SLURM's reason, then on which node it started; Stop cancels the job (sc
 queued or running. The job's state comes from the run's monitor thread
 (``SlurmJob.queue_status``), so the event loop never waits on SLURM.
 
-Until someone presses Start the panel does nothing at all, so a notebook that shows it
-runs unattended (headless execution, autograding) exactly as if it were not there.
+Until someone presses Start the panel runs nothing of its own, so a notebook that shows it
+runs unattended (headless execution, autograding) exactly as if it were not there. It does
+ask for a pool of warm ranks (``labkit.launch.pool``: processes that have imported torch and
+labkit, so that the first step comes within a couple of seconds of Start); the pool ends with
+the kernel, never changes a run's results, and ``LABKIT_WARM_RANKS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import ipywidgets as w
 from ..config import ConfigError, RunConfig
 from ..data import train_size
 from ..launch import launch
+from ..launch.pool import start_pool
 from ..runs import default_run_dir
 from .form import ConfigForm
 from .plots import LivePlots, RunMetrics
@@ -81,6 +85,8 @@ class ControlPanel(w.VBox):
             self.plots.box, w.HTML("<b>Runs in this session</b>"), self.table.widget,
         ])
         self._check()
+        # ranks that have imported torch wait for Start (LABKIT_WARM_RANKS=0: none)
+        start_pool()
 
     @property
     def running(self) -> bool:
