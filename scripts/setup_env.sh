@@ -27,7 +27,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.spl
 fi
 
 echo "labkit setup: installing labkit and its dependencies"
-"${PIP[@]}" install -e ".[dev]"
+"${PIP[@]}" install -e ".[dev,hub]"
 # The kernel nbgrader and the notebooks run in: this environment, by name.
 .venv/bin/python -m ipykernel install --sys-prefix --name labkit --display-name "labkit (.venv)" >/dev/null
 echo "labkit setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

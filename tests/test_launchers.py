@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,24 +13,9 @@ import pytest
 import labkit
 from labkit.runs import RunDir
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A real one-node SLURM cluster (cluster/local-slurm.sh), started here and stopped after."""
-    if shutil.which("sbatch") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
-        pytest.skip("SLURM is not installed and cannot be (needs root and apt-get)")
-    if os.geteuid() != 0:
-        pytest.skip("starting a local SLURM cluster needs root")
-    up = subprocess.run(["bash", str(ROOT / "cluster" / "local-slurm.sh"), "up"], capture_output=True,
-                        text=True, timeout=600)
-    if up.returncode != 0:
-        pytest.skip(f"local SLURM did not start: {up.stderr.strip()[-300:]}")
-    yield
-    subprocess.run(["bash", str(ROOT / "cluster" / "local-slurm.sh"), "down"], capture_output=True, timeout=60)
 
 
 LAYOUT = ["config.json", "metrics.jsonl", "summary.json", "checkpoints", "logs/rank-0.log",
