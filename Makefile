@@ -10,7 +10,7 @@ WORKSPACE ?= workspace
 # Jupyter refuses to run as root unless told to (containers, CI)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup lab fresh workspace release test test-fast dashboard grade system-deps bench lint clean
+.PHONY: setup lab fresh workspace release test test-fast dashboard dashboards hub hub-down grade system-deps bench lint clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,20 @@ system-deps:
 ## make dashboard: the training dashboard in Voila (no code shown)
 dashboard: setup
 	$(BIN)/voila --port=$(PORT) notebooks/dashboards/training.ipynb
+
+## make dashboards: every dashboard in Voila, listed on index.ipynb (no code shown)
+dashboards: setup
+	@echo "open http://localhost:$(PORT)/voila/render/index.ipynb"
+	$(BIN)/voila --port=$(PORT) --no-browser --VoilaExecutor.timeout=300 --preheat_kernel=True \
+	    --pool_size=1 --VoilaKernelManager.fill_delay=30 notebooks/dashboards
+
+## make hub: a one-node SLURM on this machine and the course's JupyterHub on it (as root;
+## http://127.0.0.1:8000, every student's server a SLURM job); make hub-down stops both
+hub: setup system-deps
+	bash cluster/local-slurm.sh up && bash cluster/local-hub.sh up
+
+hub-down:
+	bash cluster/local-hub.sh down; bash cluster/local-slurm.sh down
 
 ## make grade: the instructor's nbgrader pipeline over assignments/submitted/
 grade: setup
