@@ -9,9 +9,9 @@ feedback. Along the way: student B can neither list the submissions nor read A's
 they are; the instructor can. Without root (no accounts to make) the cycle is skipped.
 """
 
-import contextlib
 import grp
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -98,11 +99,12 @@ def home(user):
     return Path(pwd.getpwnam(user).pw_dir)
 
 
-def as_user(user, *command, cwd, config_dir, check=True):
-    """Run ``command`` as ``user`` (runuser, a clean environment) in its own session; kill the
-    session if it runs past STEP_TIMEOUT."""
-    env = [f"HOME={home(user)}", f"USER={user}", f"LOGNAME={user}", f"PATH={BIN}:/usr/bin:/bin",
-           f"JUPYTER_CONFIG_PATH={config_dir}", "LANG=C.UTF-8"]
+def as_user(user, *command, cwd, config_dir, environment, check=True):
+    """Run ``command`` as ``user`` (runuser, a clean environment with the course's environment
+    first on PATH) in its own session; kill the session if it runs past STEP_TIMEOUT."""
+    bin_folder, variables = environment
+    env = [f"HOME={home(user)}", f"USER={user}", f"LOGNAME={user}", f"PATH={bin_folder}:/usr/bin:/bin",
+           f"JUPYTER_CONFIG_PATH={config_dir}", "LANG=C.UTF-8", *variables]
     process = subprocess.Popen(["runuser", "-u", user, "--", "env", "-i", *env, *command], cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -117,23 +119,58 @@ def as_user(user, *command, cwd, config_dir, check=True):
     return process.returncode, output
 
 
-@contextlib.contextmanager
-def path_open_to_everyone(*targets):
-    """Every folder on the way to ``targets`` lets other users through (o+x, not o+r) while the block
-    runs: the course's environment may be a venv made from a Python under /root (mode 700), which the
-    test's accounts must run, as they would run a course environment installed in a shared place.
-    Folders it opens are closed again afterwards, as cluster/local-hub.sh does."""
-    opened = []
+def _traversable(path):
+    return all(folder.stat().st_mode & stat.S_IXOTH for folder in Path(path).parents)
+
+
+def _link_or_copy(source, target):
     try:
-        for target in targets:
-            for folder in Path(target).parents:
-                if folder != Path("/") and folder.is_dir() and not folder.stat().st_mode & stat.S_IXOTH:
-                    os.chmod(folder, folder.stat().st_mode | stat.S_IXOTH)
-                    opened.append(folder)
-        yield
-    finally:
-        for folder in opened:
-            os.chmod(folder, folder.stat().st_mode & ~stat.S_IXOTH)
+        os.link(source, target)  # same file system: nothing is copied
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def course_environment(base):
+    """(bin folder, extra variables) through which the test's accounts run the course's environment.
+
+    A course installs its environment where every user can run it (docs/instructor.md). A venv made
+    from a Python under a home folder (/root is 0700, and its mode is not this test's to change) is
+    out of the accounts' reach: then that same Python (its interpreter, its library and its standard
+    library, hard-linked where possible) is put in ``base``, with a venv that adds the course's
+    site-packages and the ``labkit`` kernel pointing at it."""
+    real = Path(os.path.realpath(sys.executable))
+    homes = (Path("/root"), Path("/home"))
+    if _traversable(real) and _traversable(sys.executable) and not any(h in real.parents for h in homes):
+        return BIN, []
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    python = base / "python"
+    (python / "bin").mkdir(parents=True)
+    _link_or_copy(real, python / "bin" / version)
+    library = Path(sysconfig.get_config_var("LIBDIR") or "")
+    (python / "lib").mkdir()
+    for shared in library.glob(f"lib{version}.so*"):
+        _link_or_copy(shared, python / "lib" / shared.name)
+    shutil.copytree(sysconfig.get_paths()["stdlib"], python / "lib" / version, copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns("site-packages", "test", "idlelib", "tkinter", "turtledemo"))
+    variables = [f"LD_LIBRARY_PATH={python / 'lib'}"]
+    env = base / "env"
+    subprocess.run([str(python / "bin" / version), "-m", "venv", "--without-pip", str(env)], check=True,
+                   capture_output=True, timeout=120, env={**os.environ, "LD_LIBRARY_PATH": str(python / "lib")})
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    (env / "lib" / version / "site-packages" / "labkit-course.pth").write_text(
+        f"import site; site.addsitedir({str(site_packages)!r})\n")
+    for name, entry in {"nbgrader": "nbgrader.apps.nbgraderapp", "alembic": "alembic.config"}.items():
+        script = env / "bin" / name
+        script.write_text(f"#!{env / 'bin' / 'python'}\nimport sys\nfrom {entry} import main\nsys.exit(main())\n")
+        script.chmod(0o755)
+    kernel = base / "share" / "jupyter" / "kernels" / "labkit"
+    kernel.mkdir(parents=True)
+    spec = json.loads((Path(sys.prefix) / "share" / "jupyter" / "kernels" / "labkit" / "kernel.json").read_text())
+    spec["argv"][0] = str(env / "bin" / "python")
+    (kernel / "kernel.json").write_text(json.dumps(spec))
+    # this kernel first, then the course environment's data (nbconvert's templates, the other kernels)
+    variables.append(f"JUPYTER_PATH={base / 'share' / 'jupyter'}:{Path(sys.prefix) / 'share' / 'jupyter'}")
+    return env / "bin", variables
 
 
 def processes_of(users):
@@ -158,20 +195,19 @@ def test_release_submit_collect_grade_feedback_between_real_users():
     accounts = Accounts(f"lkx{os.getpid() % 100000}")
     base = Path(tempfile.mkdtemp(prefix="labkit-exchange-"))
     os.chmod(base, 0o755)
-    with path_open_to_everyone(sys.executable, os.path.realpath(sys.executable), ROOT / "labkit"):
-        try:
-            cycle(accounts, base)
-        finally:
-            for pid in processes_of(accounts.users) if accounts.users else []:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            accounts.remove()
-            shutil.rmtree(base, ignore_errors=True)
+    try:
+        cycle(accounts, base, course_environment(base))
+    finally:
+        for pid in processes_of(accounts.users) if accounts.users else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        accounts.remove()
+        shutil.rmtree(base, ignore_errors=True)
 
 
-def cycle(accounts, base):
+def cycle(accounts, base, environment):
     """Release, fetch, submit, collect, autograde, feedback, fetch feedback, as three users."""
     instructor, alice, bob = accounts.add("i"), accounts.add("a"), accounts.add("b")
     group = f"{accounts.prefix}g"
@@ -186,10 +222,11 @@ def cycle(accounts, base):
     inbound = root / COURSE_ID / "inbound"
 
     def instructor_does(*command, check=True):
-        return as_user(instructor, *command, cwd=course, config_dir=config_dir, check=check)
+        return as_user(instructor, *command, cwd=course, config_dir=config_dir, environment=environment, check=check)
 
     def student_does(user, *command, check=True):
-        return as_user(user, *command, cwd=home(user), config_dir=config_dir, check=check)
+        return as_user(user, *command, cwd=home(user), config_dir=config_dir, environment=environment,
+                       check=check)
 
     # The instructor's course directory: the course's source and hidden tests of ps0_warmup.
     course = home(instructor) / "course"
