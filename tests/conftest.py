@@ -92,3 +92,16 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = before
+
+
+# --- running tests in parallel (make test: pytest -n 2 --dist loadgroup) ----------------------
+# The tests that start or use the machine's one SLURM cluster, or create local user accounts,
+# share state outside their tmp_path: they all run in one worker, one after another.
+MACHINE_WIDE = ("test_hub.py", "test_exchange.py", "test_slurm_queue.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ())
+                or "slurm" in item.nodeid.split("::")[-1] or item.path.name in MACHINE_WIDE):
+            item.add_marker(pytest.mark.xdist_group("machine"))
