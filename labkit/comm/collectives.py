@@ -136,9 +136,9 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
     The same 2(N-1) steps as :func:`ring_allreduce`, with what gloo's ring
     (``gloo/allreduce.cc``) adds to Patarasuk & Yuan's:
 
-    - every message is posted with ``irecv``/``isend`` before any is waited on, so a rank
-      receives from its left while it sends to its right and no send-first/receive-first
-      order is needed;
+    - a rank's receives and sends are posted with ``irecv``/``isend`` and waited on
+      later, so it receives from its left while it sends to its right and no
+      send-first/receive-first order is needed;
     - each chunk moves as segments of about ``segment_bytes`` (at most ``MAX_SEGMENTS`` a
       chunk), ``depth`` of them in flight: the add of one segment overlaps the transfer
       of the next;
@@ -170,14 +170,14 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
     return _finish(tensor, flat)
 
 
-def _scratch(like: torch.Tensor, way: int, depth: int, numel: int) -> list[torch.Tensor]:
-    """``depth`` receive buffers of ``numel`` elements, kept per thread between calls."""
+def _scratch(like: torch.Tensor, way: int, count: int, numel: int) -> list[torch.Tensor]:
+    """``count`` receive buffers of ``numel`` elements, kept per thread between calls."""
     pool = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (like.dtype, like.device, way)
     buffers = pool.get(key)
-    if buffers is None or len(buffers) < depth or buffers[0].numel() < numel:
-        buffers = pool[key] = [like.new_empty(numel) for _ in range(depth)]
-    return [buffer[:numel] for buffer in buffers[:depth]]
+    if buffers is None or len(buffers) < count or buffers[0].numel() < numel:
+        buffers = pool[key] = [like.new_empty(numel) for _ in range(count)]
+    return [buffer[:numel] for buffer in buffers[:count]]
 
 
 class _RingPipeline:
@@ -193,8 +193,9 @@ class _RingPipeline:
     ``ahead`` operations before its send, so that the sender finds it posted and writes at
     once. What makes this exact: operation i sends what operation i - k received and
     added (finished, as k >= depth); a receive in place at operation m overwrites what
-    operation m - (N-1)k sent (finished, as ahead <= (N-1)k - depth); a scratch buffer
-    is reused depth + ahead operations later, when its add is done.
+    operation m - (N-1)k sent (finished, as ahead <= (N-1)k - depth, and that send waited
+    on first; other sends are waited on at the end); a scratch buffer is reused
+    depth + ahead operations later, when its add is done.
     """
 
     def __init__(self, comm: Communicator, part: torch.Tensor, way: int, segment_bytes: int, depth: int):
