@@ -1,9 +1,9 @@
 """``python -m labkit.grading``: grade every submission of an nbgrader course directory."""
 
 import argparse
+import os
 import sys
-
-from .pipeline import GradingError, default_jobs, grade_course
+from pathlib import Path
 
 PROG = "python -m labkit.grading"
 
@@ -23,6 +23,14 @@ def parse_jobs(text):
     if jobs < 1:
         raise argparse.ArgumentTypeError(f"at least 1 notebook at once is needed, not {jobs}")
     return jobs
+
+
+def default_jobs():
+    """One notebook at a time per core this process may use (as pipeline.default_jobs)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def main(argv=None):
@@ -46,6 +54,11 @@ def main(argv=None):
                         help="where to write the scores (default: COURSE/grades.csv)")
     args = parser.parse_args(argv)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    if not Path(args.course).is_dir():  # before nbgrader is imported: a second, not ten
+        print(f"labkit.grading: error: course directory {args.course} not found", file=sys.stderr)
+        return 2
+    from .pipeline import GradingError, grade_course
+
     try:
         grade_course(args.course, args.assignment, force=args.force, csv_path=args.csv,
                      jobs=args.jobs, progress=progress)
