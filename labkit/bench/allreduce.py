@@ -312,6 +312,29 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_launches(args, parser) -> list[tuple[str, list[str]]]:
+    """(backend, row names) of each launch: the hand-written rows (``--fast-ring`` adds one,
+    ``--only`` picks some) with the backend's library, then MPI_Allreduce under mpiexec."""
+    names = [*HAND_WRITTEN, *(FAST_RING if args.fast_ring else ())]
+    want_mpi = args.backend != "mpi"
+    if args.only is not None:
+        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+        known = [*HAND_WRITTEN, *FAST_RING, *LIBRARY_NAMES.values()]
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            what = f"unknown row {unknown[0]!r}" if unknown else "name at least one row"
+            parser.error(f"--only: {what}; choose from {', '.join(known)}")
+        names = [name for name in chosen if name in HAND_WRITTEN or name in FAST_RING]
+        want_mpi = want_mpi and LIBRARY_NAMES["mpi"] in chosen
+    launches = [(args.backend, [*names, LIBRARY_NAMES[args.backend]])]
+    if want_mpi:
+        if mpiexec_path():
+            launches.append(("mpi", [LIBRARY_NAMES["mpi"]]))
+        else:
+            print("labkit: bench allreduce: no mpiexec found, MPI_Allreduce is left out", file=sys.stderr)
+    return launches
+
+
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
@@ -343,23 +366,7 @@ def main(argv: list[str]) -> int:
         parser.error("--factor must be >= 2, --iters and --rounds >= 1")
     sizes = [s for s in size_range(args.min_bytes, args.max_bytes, args.factor) if s % 4 == 0]
 
-    names = [*HAND_WRITTEN, *(FAST_RING if args.fast_ring else ())]
-    want_mpi = args.backend != "mpi"
-    if args.only is not None:
-        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-        known = [*HAND_WRITTEN, *FAST_RING, *LIBRARY_NAMES.values()]
-        unknown = [name for name in chosen if name not in known]
-        if unknown or not chosen:
-            parser.error(f"--only: unknown row {unknown[0] if unknown else '(none given)'!r}; "
-                         f"choose from {', '.join(known)}")
-        names = [name for name in chosen if name in HAND_WRITTEN or name in FAST_RING]
-        want_mpi = want_mpi and LIBRARY_NAMES["mpi"] in chosen
-    launches = [(args.backend, [*names, LIBRARY_NAMES[args.backend]])]
-    if want_mpi:
-        if mpiexec_path():
-            launches.append(("mpi", [LIBRARY_NAMES["mpi"]]))
-        else:
-            print("labkit: bench allreduce: no mpiexec found, MPI_Allreduce is left out", file=sys.stderr)
+    launches = plan_launches(args, parser)
 
     report = {"world_size": args.n, "dtype": "float32", "copy_gbps": copy_bandwidth() / 1e9,
               "model": "alpha-beta, half duplex", "launches": [], "rows": []}
