@@ -119,7 +119,7 @@ def watch_launcher(run: RunDir, meta: dict, rank: int) -> None:
         while process_alive(launched):
             time.sleep(0.5)
         _finalize_orphan(run, launched, rank)
-        if not _finishing:
+        if not _finishing and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(LAUNCHER_GONE_GRACE_S * (3 if _finishing else 1))
         os._exit(143)  # stuck in a collective with peers that went too
@@ -281,6 +281,8 @@ def run_rank(run_dir: str) -> int:
             print(f"labkit worker: done, test accuracy {summary['test_accuracy']:.4f}", flush=True)
         return 0
     except Stopped:
+        # stopping already: a second SIGTERM (the launcher watch's) must not cut the finalizing short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"labkit worker: rank {rank} stopped", flush=True)
         try:
             run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "stopped",
