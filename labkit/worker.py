@@ -91,10 +91,14 @@ def _finalize_orphan(run: RunDir, launched: dict | None, rank: int) -> None:
             time.sleep(0.05)
     if process_alive(launched):
         return
-    try:
-        run.settle(found_by=f"rank {rank}", ranks_may_run=True)
-    except Exception:  # noqa: BLE001 - the next reader of the run directory finalizes it
-        pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # None while another rank (or thread) holds the lock and writes
+        try:
+            if run.settle(found_by=f"rank {rank}", ranks_may_run=True) is not None:
+                return
+        except Exception:  # noqa: BLE001 - the next reader of the run directory finalizes it
+            return
+        time.sleep(0.1)
 
 
 def watch_launcher(run: RunDir, meta: dict, rank: int) -> None:
