@@ -170,12 +170,13 @@ class Run:
     def _newly_dead(self) -> list[tuple[int, str]]:
         """Ranks found dead since the last call: (rank, how), from exit codes or vanished pids."""
         dead = {}
+        watched = self._ranks.poll()  # first: a rank seen gone here has its exit code below
         codes = getattr(self.job, "rank_codes", dict)()
         # a rank killed by a signal died first; the others exited after noticing it
         for rank, code in sorted(codes.items(), key=lambda rc: (rc[1] is None or rc[1] >= 0, rc[0])):
             if code not in (None, 0):
                 dead[rank] = signal_name(code)
-        for rank, detail in self._ranks.poll():
+        for rank, detail in watched:
             dead.setdefault(rank, detail)
         new = [(r, d) for r, d in dead.items() if r not in self._lost_workers]
         self._lost_workers.update(r for r, _ in new)
