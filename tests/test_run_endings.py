@@ -83,6 +83,26 @@ def test_a_stop_after_every_last_step_leaves_the_run_completed(tmp_path, no_left
     assert all(len(repr(v).replace(".", "").lstrip("0")) <= 7 for v in s.values() if isinstance(v, float))
 
 
+EXITING = """
+import sys, time, labkit
+from labkit.runs import RunDir
+labkit.launch(labkit.RunConfig(workers=2, steps=100000, checkpoint_every=10, run_dir=sys.argv[1]))
+while not RunDir(sys.argv[1]).checkpoints():
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_the_interpreter_exiting_stops_its_runs(tmp_path, no_leftovers):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", EXITING, str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    summary = RunDir(run_dir).read_summary()  # written before the interpreter was gone
+    assert (summary["status"], summary["error"]) == ("stopped", "the Python process that launched the run exited")
+    assert summary["resume_with"] and RunDir(run_dir).load_checkpoint()["step"] >= 10
+    _no_temp_files(run_dir)
+
+
 # --- the next reader -------------------------------------------------------------------------------
 def _dead_pid():
     proc = subprocess.Popen(["true"])
