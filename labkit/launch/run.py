@@ -84,6 +84,7 @@ class Run:
         self._lost_workers: set[int] = set()
         self._ranks = _RankWatch(run, metrics_offset)
         self._first_failure: tuple[int, str] | None = None
+        self._vanished_at: dict[int, float] = {}
         self._silent: dict[int, str] = {}  # ranks alive but mute when a peer gave up on them: their state
         self._total_steps = _total_steps(config)
         self._monitor = threading.Thread(target=self._watch, name=f"labkit-run-{run.path.name}", daemon=True)
@@ -176,7 +177,13 @@ class Run:
         for rank, code in sorted(codes.items(), key=lambda rc: (rc[1] is None or rc[1] >= 0, rc[0])):
             if code not in (None, 0):
                 dead[rank] = signal_name(code)
+        now = time.monotonic()
         for rank, detail in watched:
+            if rank not in dead and codes.get(rank, 0) is None:
+                # our own child, seen gone in /proc but not reaped yet: its exit status comes
+                # in a moment and says more than "vanished"
+                if now - self._vanished_at.setdefault(rank, now) < 1.0:
+                    continue
             dead.setdefault(rank, detail)
         new = [(r, d) for r, d in dead.items() if r not in self._lost_workers]
         self._lost_workers.update(r for r, _ in new)
