@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import PYTHON, ROOT, labkit_processes
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.unstable, pytest.mark.slurm, pytest.mark.slow]
 
 HUB_SCRIPT = ROOT / "cluster" / "local-hub.sh"
 USER = "labkit-hubtest"

@@ -39,6 +39,8 @@ EXPECTED = {  # student -> (total, scores of PROBLEMS; None: awaits grading by h
 }
 SMALL_BATCH = {"1024": "32", "512": "16"}  # the default batch per worker: a step too small to split
 
+pytestmark = pytest.mark.unstable
+
 
 def source_cells():
     source = nbformat.read(COURSE / "source" / ASSIGNMENT / NOTEBOOK, as_version=4)
