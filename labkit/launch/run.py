@@ -211,7 +211,10 @@ class Run:
         own = [e for e in errors if not e.get("peer_error")]
         if own:
             return own[0]["error"]
-        first_killed = self._first_failure is not None and self._first_failure[1].startswith("killed")
+        # a rank killed, or gone without a goodbye (killed where its exit code cannot be seen,
+        # as under torchrun), died first: the others' errors are about it, not about a mute rank
+        first_killed = self._first_failure is not None and (
+            self._first_failure[1].startswith("killed") or self._first_failure[1] == "its process vanished")
         reported = {e.get("rank") for e in errors}
         silent = {r: how for r, how in self._silent.items() if r not in reported}
         if silent and errors and not first_killed:  # the others gave up waiting on a rank alive but mute
