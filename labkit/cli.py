@@ -158,24 +158,11 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], parser: argparse.Argume
 
 # --- labkit show ----------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    """One row per run (orphaned runs are finalized first); see :func:`labkit.bench.runs.show`
+    for the exit statuses: 0, 1 when a file is damaged, 2 when a path is not a run directory."""
+    from .bench.runs import show
 
-    from .bench.runs import fmt, print_table
-    from .runs import RunDir
-
-    rows = []
-    for path in args.run_dirs:
-        if not Path(path, "config.json").is_file():
-            return fail(f"show: {path} is not a labkit run directory (no config.json)")
-        run = RunDir(path)
-        s = run.read_summary() or {"status": "running"}
-        cfg = run.read_config()["config"]
-        rows.append([path, cfg["sync"], cfg["compression"], str(cfg["workers"]), s["status"],
-                     fmt(s.get("test_accuracy"), ".4f"), fmt(s.get("wall_time_s"), ".1f"),
-                     fmt(s.get("bytes_sent"), ",d"), fmt(s.get("comm_fraction"), ".2f")])
-    print_table(["run", "sync", "compression", "workers", "status", "test_acc", "wall_s", "bytes_sent",
-                 "comm_frac"], rows)
-    return 0
+    return show(args.run_dirs)
 
 
 def _launch_timeout(text: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -110,11 +111,38 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
         stop.set()
         for t in tails:
             t.join(2)
+    if launcher == "torchrun" and code not in (0, 124, 130):
+        code = torchrun_root_cause(logs[0]) or code  # torchrun itself exits 1 whatever the rank's status
     if code not in (0, 124, 130):
         print(f"labkit: launch: a rank failed (status {code}); the others were ended", file=sys.stderr)
     if code < 0:  # killed by a signal: the shell's way of saying so
         return 128 - code
     return code if code < 256 else 1
+
+
+ROOT_CAUSE = "Root Cause (first observed failure)"
+EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+def torchrun_root_cause(log_path: str) -> int | None:
+    """The exit status of the first rank that failed under torchrun, read from the "Root Cause
+    (first observed failure)" section torchrun writes when it ends (``exitcode  : 7 (pid: ...)``;
+    -N for a rank killed by signal N). None when the log holds no such section."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (1 << 20)))  # the section is at the end; a rank may have written a lot
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    at = text.rfind(ROOT_CAUSE)
+    if at < 0:
+        return None
+    found = EXITCODE.search(text, at)
+    if not found:
+        return None
+    code = int(found.group(1))
+    return code or None  # a rank that exited 0 is not a failure: keep torchrun's own status
 
 
 def _tail(path: str, prefix: str, stop: threading.Event) -> None:
