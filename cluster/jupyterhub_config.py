@@ -71,8 +71,7 @@ c.LabkitSlurmSpawner.req_partition = env("LABKIT_HUB_PARTITION", "")
 c.LabkitSlurmSpawner.req_prologue = (f"export VIRTUAL_ENV={venv} PATH={venv}/bin:$PATH; "
                                      "unset SLURM_CPU_BIND SLURM_CPU_BIND_LIST SLURM_CPU_BIND_TYPE")
 c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "SLURM_CONF", "LABKIT_CACHE_DIR", "LABKIT_SLURM_TIME",
-                      "LABKIT_SBATCH_EXTRA", "LABKIT_RUNS_DIR",
-                      "LABKIT_LAUNCHER"]
+                      "LABKIT_SBATCH_EXTRA", "LABKIT_RUNS_DIR", "LABKIT_LAUNCHER", "LABKIT_WARM_RANKS"]
 c.Spawner.default_url = "/lab"
 c.Spawner.notebook_dir = "~"
 # Queue waits can be longer than the spawn timeout (batchspawner #88): the hub waits this long;

@@ -16,6 +16,15 @@ to ``batchspawner.SlurmSpawner``:
   waits; after ``queue_timeout`` seconds (a little under ``start_timeout``) the job is
   cancelled and the spawn ends with a message that says so, rather than leaving a job in
   the queue that would start a server nobody waits for.
+- **Stopping a server ends all of it**: ``stop`` cancels the job and waits (``stop_wait``)
+  until SLURM has ended it, following it with ``scontrol`` as the hub (no command runs as
+  the student once the job is cancelled). The job's batch script ends, on its way out,
+  every process that still carries the job's id (``SLURM_JOB_ID``): a kernel whose server
+  died first, anything started in a new session, a process still dying from SLURM's
+  SIGKILL. Under ``proctrack/linuxproc`` (the local cluster, containers) SLURM finds a
+  job's processes through their parents only and does not wait for them to exit, so such
+  processes would otherwise outlive the job; with ``proctrack/cgroup`` this only makes
+  the job's end cleaner.
 - The server listens on ``bind_ip`` (``0.0.0.0`` by default; ``127.0.0.1`` on the one-node
   local cluster) and the hub reaches it on the host SLURM names, or on
   ``state_exechost_exp`` when that is set.
@@ -43,6 +52,61 @@ PROFILE_KEYS = {"nprocs": "req_nprocs", "memory": "req_memory", "gres": "req_gre
                 "runtime": "req_runtime", "partition": "req_partition", "options": "req_options",
                 "prologue": "req_prologue", "reservation": "req_reservation"}
 LOG_LINES = 15  # how much of a failed job's log the spawn page shows
+# a job in one of these states has not ended yet (scontrol's JobState)
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING",
+                 "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+# batchspawner's SlurmSpawner script, with the end of the job's processes on the way out.
+# (A jinja2 template: no "{" followed by "#" in it, which would open a jinja2 comment.)
+BATCH_SCRIPT = """#!/bin/bash
+#SBATCH --output={{homedir}}/jupyterhub_slurmspawner_%j.log
+#SBATCH --job-name=spawner-jupyterhub
+#SBATCH --chdir={{homedir}}
+#SBATCH --export={{keepvars}}
+#SBATCH --get-user-env=L
+{% if partition  %}#SBATCH --partition={{partition}}
+{% endif %}{% if runtime    %}#SBATCH --time={{runtime}}
+{% endif %}{% if memory     %}#SBATCH --mem={{memory}}
+{% endif %}{% if gres       %}#SBATCH --gres={{gres}}
+{% endif %}{% if nprocs     %}#SBATCH --cpus-per-task={{nprocs}}
+{% endif %}{% if reservation%}#SBATCH --reservation={{reservation}}
+{% endif %}{% if options    %}#SBATCH {{options}}{% endif %}
+
+set -euo pipefail
+
+trap 'echo SIGTERM received' TERM
+# On the way out (the server ended, or the job was cancelled): end every process of this
+# job that is still alive. They are found by the job's id in their environment, so that
+# those that left the server's process tree (a kernel whose server died first, a process
+# in a new session), which SLURM's proctrack/linuxproc no longer sees, are found too.
+labkit_job_pids() {  # (run in a subshell: its own pid is $BASHPID; a zombie's environ is empty)
+    local files pid
+    files=(/proc/[0-9]*/environ)
+    for pid in $(grep -lzx "SLURM_JOB_ID=$SLURM_JOB_ID" "${files[@]}" 2>/dev/null || true); do
+        pid="${pid#/proc/}"; pid="${pid%/environ}"
+        [ "$pid" != $$ ] && [ "$pid" != "$BASHPID" ] && echo "$pid"
+    done
+    return 0
+}
+labkit_end_job() {  # SIGTERM, 2 s, SIGKILL, 5 s (within SLURM's KillWait when cancelled)
+    local sig waits pids
+    [ -n "${SLURM_JOB_ID:-}" ] || return 0
+    for sig in TERM KILL; do
+        pids="$(labkit_job_pids)"
+        [ -z "$pids" ] && return 0
+        echo "ending this job's processes left ($sig): $(echo $pids)"
+        kill -s "$sig" $pids 2>/dev/null || true
+        waits=8; [ "$sig" = KILL ] && waits=20
+        while [ "$waits" -gt 0 ] && [ -n "$(labkit_job_pids)" ]; do sleep 0.25; waits=$((waits - 1)); done
+    done
+    return 0
+}
+trap labkit_end_job EXIT
+{{prologue}}
+{% if srun %}{{srun}} {% endif %}{{cmd}}
+echo "jupyterhub-singleuser ended gracefully"
+{{epilogue}}
+"""
 
 
 class LabkitSlurmSpawner(SlurmSpawner):
@@ -50,6 +114,10 @@ class LabkitSlurmSpawner(SlurmSpawner):
                                           "partition, options, prologue, reservation}").tag(config=True)
     default_profile = Unicode("cpu", help="the profile of a spawn that names none").tag(config=True)
     bind_ip = Unicode("0.0.0.0", help="the address the user's server listens on").tag(config=True)
+    batch_script = Unicode(BATCH_SCRIPT, help="the server's batch script (a jinja2 template; "
+                           "see batchspawner's SlurmSpawner)").tag(config=True)
+    stop_wait = Float(30.0, help="seconds stop() waits for the cancelled job to end (SLURM's "
+                                 "KillWait and a margin)").tag(config=True)
     queue_timeout = Float(help="seconds a job may wait in the queue before the spawn gives up "
                                "(default: start_timeout - 15)").tag(config=True)
 
@@ -176,6 +244,35 @@ class LabkitSlurmSpawner(SlurmSpawner):
         self.db.commit()
         self.log.info("server job %s started at %s:%s", self.job_id, self.ip, self.port)
         return self.ip, self.port
+
+    async def job_state(self) -> str:
+        """The job's state as SLURM has it now ("" once SLURM has forgotten it)."""
+        return (await self._scontrol()).get("JobState", "") if self.job_id else ""
+
+    async def stop(self, now=False):
+        """Cancel the server's job, then (unless ``now``) wait until SLURM has ended it: its
+        processes signalled, its batch script gone (which ends what the server left behind).
+        The job is followed with scontrol as the hub, so that nothing runs as the student
+        after the cancel."""
+        if not self.job_id:
+            return
+        job = self.job_id
+        self.log.info("stopping server job %s of %s", job, self.user.name)
+        try:
+            await self.cancel_batch_job()
+        except RuntimeError as error:  # scancel of a job that has already ended
+            self.log.info("scancel %s: %s", job, error)
+        if now:
+            return
+        deadline = time.monotonic() + self.stop_wait
+        state = await self.job_state()
+        while state in ACTIVE_STATES and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            state = await self.job_state()
+        if state in ACTIVE_STATES:
+            self.log.warning("server job %s is still %s %.0f s after scancel", job, state, self.stop_wait)
+        else:
+            self.log.info("server job %s ended (%s)", job, state or "gone from SLURM")
 
     async def progress(self):
         while True:

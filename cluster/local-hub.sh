@@ -8,7 +8,8 @@
 #
 # Runs as root (the hub submits each student's job as that student, with runuser). The
 # students are local accounts, LABKIT_HUB_USERS (default: labkit-student); `up` creates the
-# missing ones (useradd -m) and `down --remove-users` removes those it created (userdel -r).
+# missing ones (useradd -m) and `down --remove-users` removes those it created (userdel -r),
+# after cancelling all their jobs and ending all their processes.
 # They log in with one shared password: LABKIT_HUB_PASSWORD, else a random one written to
 # the state folder's `password` (a test hub; a real cluster uses PAM, see docs/cluster.md).
 # State (database, logs, pids, the users it created) lives in cluster/state/hub/ (not
@@ -121,6 +122,30 @@ stop_pid() {  # pid word seconds: TERM, wait, then KILL
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+cancel_jobs() {  # user [squeue filters]: scancel the user's jobs, wait until SLURM has ended them
+    local u="$1" jobs; shift
+    jobs="$(squeue -h -u "$u" "$@" -o %i 2>/dev/null || true)"
+    [ -n "$jobs" ] || return 0
+    # shellcheck disable=SC2086
+    scancel $jobs 2>/dev/null || true
+    for _ in $(seq 1 120); do
+        [ -z "$(squeue -h -u "$u" "$@" -o %i 2>/dev/null || true)" ] && return 0
+        sleep 0.25
+    done
+    say "jobs of $u still in the queue 30 s after scancel: $(echo $jobs)"
+}
+
+end_processes() {  # user: SIGKILL every process of an account `up` created, wait until they are gone
+    local u="$1" uid
+    uid="$(id -u "$u" 2>/dev/null)" || return 0
+    pkill -KILL -U "$uid" 2>/dev/null || true
+    for _ in $(seq 1 80); do
+        pgrep -U "$uid" >/dev/null 2>&1 || return 0
+        sleep 0.25
+    done
+    say "processes of $u still alive 20 s after SIGKILL: $(pgrep -a -U "$uid" | tr '\n' ';')"
+}
+
 down() {
     need_root down
     [ -d "$state" ] || { say "down (nothing was started)"; return 0; }
@@ -134,9 +159,7 @@ down() {
     if command -v squeue >/dev/null; then
         for u in $users; do
             id -u "$u" >/dev/null 2>&1 || continue
-            jobs="$(squeue -h -u "$u" -n spawner-jupyterhub -o %i 2>/dev/null || true)"
-            # shellcheck disable=SC2086
-            [ -n "$jobs" ] && scancel $jobs 2>/dev/null || true
+            cancel_jobs "$u" -n spawner-jupyterhub
         done
     fi
     rm -f "$state/hub.pid" "$state/jupyterhub-proxy.pid"
@@ -145,11 +168,15 @@ down() {
         rm -f "$state/opened-folders"
     fi
     if [ "${1:-}" = --remove-users ] && [ -s "$state/created-users" ]; then
-        while read -r u; do
-            pkill -KILL -u "$u" 2>/dev/null || true
+        while read -r u <&3; do
+            id -u "$u" >/dev/null 2>&1 || continue
+            # an account that goes takes everything of its own along: its jobs (the training
+            # runs too), then its processes; userdel refuses while one is still exiting
+            command -v squeue >/dev/null && cancel_jobs "$u"
+            end_processes "$u"
             userdel -r "$u" 2>/dev/null || userdel "$u" || true
             say "removed the local account $u"
-        done < "$state/created-users"
+        done 3< "$state/created-users"
         rm -f "$state/created-users"
     fi
     say "down"

@@ -7,12 +7,21 @@ is cancelled and says so (#88); the student's server is then spawned through sba
 answers; code run in a kernel on it starts a 2-worker labkit run from the control panel
 with the slurm launcher, which completes as a second SLURM job; stopping the server and
 the hub leaves no job, no process of the student and no hub or proxy behind.
+
+The hub's stop waits until SLURM has ended the server's job, whose batch script ends on its
+way out every process still carrying the job's id; a process may still be exiting for a
+moment after that (SIGKILLed, not yet gone), so the checks wait for the student's processes
+with a deadline and, on failure, name each one with its command line. Everything the test
+started is stopped also when it fails: the fixture's ``local-hub.sh down --remove-users``
+cancels the account's jobs and ends its processes before removing it, and whatever is still
+left after that is killed before the test reports it.
 """
 
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,7 +32,8 @@ import pytest
 
 from .conftest import PYTHON, ROOT, labkit_processes
 
-pytestmark = [pytest.mark.unstable, pytest.mark.slurm, pytest.mark.slow]
+# in the "machine" xdist group with the other SLURM tests (tests/conftest.py)
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HUB_SCRIPT = ROOT / "cluster" / "local-hub.sh"
 USER = "labkit-hubtest"
@@ -51,6 +61,60 @@ def user_jobs() -> list[str]:
     return out.stdout.splitlines()
 
 
+def uid_of(user: str) -> int | None:
+    out = subprocess.run(["id", "-u", user], capture_output=True, text=True)
+    return int(out.stdout) if out.returncode == 0 else None
+
+
+def processes_of(uid: int) -> dict[int, str]:
+    """The live processes whose real uid is ``uid``: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1").split()[0]) == uid and not fields.get("State", "").strip().startswith("Z"):
+            found[int(entry.name)] = cmd or f"[{fields.get('Name', '?').strip()}]"
+    return found
+
+
+def wait_until_gone(uid: int, deadline_s: float) -> dict[int, str]:
+    """Wait up to ``deadline_s`` for every process of ``uid`` to end (one still exiting from
+    a SIGKILL needs a moment); those still alive then."""
+    deadline = time.monotonic() + deadline_s
+    left = processes_of(uid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = processes_of(uid)
+    return left
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError, TypeError):
+            pass
+
+
+def remove_stale_account() -> None:
+    """The test account left by an earlier run that was killed before its cleanup: its jobs,
+    its processes, the account (it is this test's own, never a real user's)."""
+    uid = uid_of(USER)
+    if uid is None:
+        return
+    if shutil.which("scancel"):
+        subprocess.run(["scancel", "-u", USER], capture_output=True, timeout=30)
+    kill_all(processes_of(uid))
+    wait_until_gone(uid, 20)
+    subprocess.run(["userdel", "-r", USER], capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def hub(slurm_cluster, tmp_path_factory):
     """The hub on free ports, its state in a temporary folder; stopped (and the test
@@ -62,29 +126,50 @@ def hub(slurm_cluster, tmp_path_factory):
     pytest.importorskip("batchspawner")
     if shutil.which("configurable-http-proxy") is None:
         pytest.skip("configurable-http-proxy is missing (npm install -g configurable-http-proxy)")
+    remove_stale_account()
     state = tmp_path_factory.mktemp("hub")
     (state / "extra_config.py").write_text(EXTRA_CONFIG)
     port = free_port()
     env = {**os.environ, "LABKIT_HUB_STATE": str(state / "hub"), "LABKIT_HUB_USERS": USER,
            "LABKIT_HUB_PORT": str(port), "LABKIT_HUB_API_PORT": str(free_port()),
            "LABKIT_HUB_PROXY_API_PORT": str(free_port()), "LABKIT_HUB_PASSWORD": uuid.uuid4().hex,
-           "LABKIT_HUB_EXTRA_CONFIG": str(state / "extra_config.py"), "LABKIT_HUB_VENV": str(Path(PYTHON).parents[1])}
-    up = subprocess.run(["bash", str(HUB_SCRIPT), "up"], capture_output=True, text=True, timeout=180, env=env)
-    hub_pid = (state / "hub" / "hub.pid").read_text().strip() if (state / "hub" / "hub.pid").exists() else None
-    proxy_pid = None
+           "LABKIT_HUB_EXTRA_CONFIG": str(state / "extra_config.py"), "LABKIT_HUB_VENV": str(Path(PYTHON).parents[1]),
+           # the student's server keeps no warm ranks (the panel's runs go to SLURM)
+           "LABKIT_WARM_RANKS": "0"}
+    hub_pid = proxy_pid = uid = None
     try:
+        up = subprocess.run(["bash", str(HUB_SCRIPT), "up"], capture_output=True, text=True, timeout=180, env=env)
+        hub_pid = _pid_in(state / "hub" / "hub.pid")
+        proxy_pid = _pid_in(state / "hub" / "jupyterhub-proxy.pid")
+        uid = uid_of(USER)
         assert up.returncode == 0, up.stderr + up.stdout
-        proxy_pid = (state / "hub" / "jupyterhub-proxy.pid").read_text().strip()
-        yield {"url": f"http://127.0.0.1:{port}", "password": env["LABKIT_HUB_PASSWORD"], "requests": requests}
+        yield {"url": f"http://127.0.0.1:{port}", "password": env["LABKIT_HUB_PASSWORD"], "requests": requests,
+               "uid": uid}
     finally:
         down = subprocess.run(["bash", str(HUB_SCRIPT), "down", "--remove-users"], capture_output=True,
                               text=True, timeout=180, env=env)
+        # what is still left is killed first, then reported
+        left_hub = {name: pid for name, pid in (("the hub", hub_pid), ("the proxy", proxy_pid))
+                    if pid and _alive(pid)}
+        left_user = wait_until_gone(uid, 10) if uid is not None else {}
+        left_state = labkit_processes(str(state))
+        kill_all([*left_hub.values(), *left_user, *left_state])
+        jobs = user_jobs()
+        if jobs:
+            subprocess.run(["scancel", "-u", USER], capture_output=True, timeout=30)
     assert down.returncode == 0, down.stderr
-    for pid, name in ((hub_pid, "the hub"), (proxy_pid, "the proxy")):
-        assert pid and not _alive(int(pid)), f"{name} (pid {pid}) is still running"
-    assert not user_jobs(), f"jobs left in the queue: {user_jobs()}"
-    assert not labkit_processes(str(state)), "processes of the hub are left"
-    assert subprocess.run(["id", "-u", USER], capture_output=True).returncode != 0, "the test account is left"
+    assert not left_hub, f"still running after down: {left_hub}"
+    assert not jobs, f"jobs left in the queue: {jobs}"
+    assert not left_user, f"processes of {USER} left after down: {left_user}"
+    assert not left_state, f"processes of the hub are left: {left_state}"
+    assert uid_of(USER) is None, "the test account is left"
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -185,7 +270,7 @@ print(json.dumps({"status": result.status, "error": result.error, "world_size": 
 """
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(360)
 def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
     t0 = time.monotonic()
 
@@ -236,13 +321,18 @@ def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
     assert run_dir.stat().st_uid == int(subprocess.check_output(["id", "-u", USER]))  # written as the student
     assert (run_dir / "job.sbatch").exists() and (run_dir / "logs" / "rank-1.log").exists()
 
-    # the student stops the server: its job is cancelled
+    # the student stops the server: the hub cancels its job and waits until SLURM has ended it
     assert student.api("DELETE", f"/users/{USER}/server").status_code in (202, 204)
     deadline = time.monotonic() + 60
+    model = student.api("GET", f"/users/{USER}").json()
+    while (model.get("server") or model.get("pending")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        model = student.api("GET", f"/users/{USER}").json()
+    assert not model.get("server") and not model.get("pending"), model
+    deadline = time.monotonic() + 30
     while user_jobs() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not user_jobs(), user_jobs()
-    uid = subprocess.check_output(["id", "-u", USER]).decode().strip()
-    left = subprocess.run(["pgrep", "-u", uid], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes of {USER} left: {left}"
-    phase("server stopped")
+    left = wait_until_gone(hub["uid"], 20)
+    assert not left, f"processes of {USER} left after its server stopped: {left}"
+    phase("server stopped, no process of the student left")
