@@ -46,7 +46,9 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
 
     Returns the exit status of the first rank (or launcher) that failed, as the shell
     writes it (128 + N for a rank killed by signal N), 124 on the timeout and 130 on
-    Ctrl-C; the temporary directory of the ranks' output is removed."""
+    Ctrl-C; the temporary directory of the ranks' output is removed. Under torchrun, which
+    itself exits 1 whichever rank failed and how, the status is the one its root-cause
+    report names (:func:`torchrun_root_cause`)."""
     if timeout is not None:
         timeout = check_timeout(timeout)
     env = dict(os.environ, LABKIT_BACKEND=backend, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
