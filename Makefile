@@ -75,8 +75,9 @@ hub-down:
 	bash cluster/local-hub.sh down; bash cluster/local-slurm.sh down
 
 ## make grade: the instructor's nbgrader pipeline over assignments/submitted/
+## (JOBS=4: four notebooks graded at once; default one per core)
 grade: setup
-	$(BIN)/python -m labkit.grading --course assignments
+	$(BIN)/python -m labkit.grading --course assignments $(if $(JOBS),--jobs $(JOBS))
 
 bench: setup
 	$(BIN)/labkit bench allreduce
