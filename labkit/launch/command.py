@@ -48,7 +48,8 @@ def run_command(command: list[str], n: int, launcher: str = "local", backend: st
     writes it (128 + N for a rank killed by signal N), 124 on the timeout and 130 on
     Ctrl-C; the temporary directory of the ranks' output is removed. Under torchrun, which
     itself exits 1 whichever rank failed and how, the status is the one its root-cause
-    report names (:func:`torchrun_root_cause`)."""
+    report names (:func:`torchrun_root_cause`); under MPICH's mpiexec, which exits N for a rank
+    killed by signal N, it is 128 + N as well (:func:`mpiexec_signal`)."""
     if timeout is not None:
         timeout = check_timeout(timeout)
     env = dict(os.environ, LABKIT_BACKEND=backend, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -115,11 +116,27 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
             t.join(2)
     if launcher == "torchrun" and code not in (0, 124, 130):
         code = torchrun_root_cause(logs[0]) or code  # torchrun itself exits 1 whatever the rank's status
+    elif launcher == "mpi" and code > 0 and mpiexec_signal(logs[0]) == code:
+        code = -code  # MPICH's mpiexec exits N for a rank killed by signal N
+    if code < 0:  # killed by a signal: the shell's way of saying so
+        print(f"labkit: launch: a rank failed (killed by signal {-code}, status {128 - code}); the others "
+              "were ended", file=sys.stderr)
+        return 128 - code
     if code not in (0, 124, 130):
         print(f"labkit: launch: a rank failed (status {code}); the others were ended", file=sys.stderr)
-    if code < 0:  # killed by a signal: the shell's way of saying so
-        return 128 - code
     return code if code < 256 else 1
+
+
+def _log_tail(log_path: str, size: int = 1 << 20) -> str | None:
+    """The last ``size`` bytes of a launcher's log as text (its report is at the end; the ranks
+    may have written a lot before it), or None when it cannot be read."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 ROOT_CAUSE = "Root Cause (first observed failure)"
@@ -130,12 +147,8 @@ def torchrun_root_cause(log_path: str) -> int | None:
     """The exit status of the first rank that failed under torchrun, read from the "Root Cause
     (first observed failure)" section torchrun writes when it ends (``exitcode  : 7 (pid: ...)``;
     -N for a rank killed by signal N). None when the log holds no such section."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - (1 << 20)))  # the section is at the end; a rank may have written a lot
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
+    text = _log_tail(log_path)
+    if text is None:
         return None
     at = text.rfind(ROOT_CAUSE)
     if at < 0:
@@ -145,6 +158,19 @@ def torchrun_root_cause(log_path: str) -> int | None:
         return None
     code = int(found.group(1))
     return code or None  # a rank that exited 0 is not a failure: keep torchrun's own status
+
+
+MPIEXEC_SIGNAL = re.compile(r"TERMINATED WITH THE EXIT STRING: .*\(signal (\d+)\)")
+
+
+def mpiexec_signal(log_path: str) -> int | None:
+    """The signal that killed a rank under MPICH's mpiexec, from the line it writes
+    (``YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)``), or None."""
+    text = _log_tail(log_path)
+    if text is None:
+        return None
+    found = MPIEXEC_SIGNAL.findall(text)
+    return int(found[-1]) if found else None
 
 
 def _tail(path: str, prefix: str, stop: threading.Event) -> None:
