@@ -160,6 +160,7 @@ SPLIT = [dict(parallelism="model"), dict(parallelism="pipeline"), dict(paralleli
 def test_sync_modes_that_cannot_combine_are_refused_in_one_line(settings):
     from labkit import RunConfig
     from labkit.config import ConfigError
+    from labkit.parallel import MASTER_MODES, WEIGHT_SCHEDULES
     from labkit.registry import SYNC_MODES
 
     for sync in SYNC_MODES.names():
@@ -169,9 +170,60 @@ def test_sync_modes_that_cannot_combine_are_refused_in_one_line(settings):
             continue
         with pytest.raises(ConfigError) as error:
             config.validate()
-        assert "\n" not in str(error.value) and str(error.value).startswith(error.value.option + ": ")
-        if SYNC_MODES.entry(sync).meta.get("validate") is None:  # the parallelism's own check speaks
-            assert error.value.option == "--sync" and sync in str(error.value), str(error.value)
+        line = str(error.value)
+        assert "\n" not in line and line.startswith(error.value.option + ": ")
+        if SYNC_MODES.entry(sync).meta.get("validate") is not None and error.value.option != "--sync":
+            continue  # the sync mode's own check spoke first
+        assert error.value.option == "--sync" and f"{sync} cannot combine with" in line, line
+        # why, by the family of the mode
+        if sync in MASTER_MODES:
+            assert "rank 0 is its master" in line, line
+        elif sync in WEIGHT_SCHEDULES:
+            assert "averages weights, not gradients" in line, line
+        else:
+            assert sync == "hogwild" and "shared in memory" in line, line
+        # what to use instead
+        if settings["parallelism"] == "data":
+            assert f"--data-parallel {settings['data_parallel']}:" in line
+            assert f"use --data-parallel flat (the default, where --sync {sync} runs as it is), or --sync allreduce" in line
+        else:
+            assert "(--sync allreduce)" in line
+
+
+REFUSED = [("ps-sync", "naive", "rank 0 is its master"), ("local-sgd", "bucketed", "every --sync-every steps"),
+           ("gossip", "naive", "ring neighbours"), ("hogwild", "bucketed", "shared in memory")]
+
+
+def test_a_refused_sync_mode_ends_the_cli_with_exit_2_and_one_line(tmp_path, capsys):
+    from labkit.cli import main
+
+    result = run_cli("train", "--steps", "5", "--workers", "2", "--run-dir", tmp_path / "bad", "--data-parallel", "bucketed",
+                     "--sync", "fedavg", timeout=120)  # the real exit status, once
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"labkit: error: --sync: {lines[0].split('--sync: ', 1)[1]}"], lines
+    assert "fedavg cannot combine with --data-parallel bucketed: it averages weights, not gradients, once a round" in lines[0]
+    for sync, way, why in REFUSED:  # the others in this process
+        capsys.readouterr()
+        assert main(["train", "--steps", "5", "--workers", "2", "--run-dir", str(tmp_path / "bad"), "--data-parallel", way,
+                     "--sync", sync]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"labkit: error: --sync: {sync} cannot combine with "
+                                                       f"--data-parallel {way}: ") and why in lines[0], lines
+        assert "use --data-parallel flat" in lines[0] and captured.out == ""
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_hand_written_allreduce_is_refused_where_the_library_sums():
+    from labkit import RunConfig
+    from labkit.config import ConfigError
+
+    RunConfig(workers=2, steps=5, allreduce_algorithm="ring").validate()  # data flat: the sync mode's buffer
+    for settings in (dict(data_parallel="naive"), dict(data_parallel="bucketed"), dict(parallelism="tensor")):
+        with pytest.raises(ConfigError, match="^--allreduce-algorithm: ring sums the one flat buffer of "
+                                              "--data-parallel flat; .* use --allreduce-algorithm library"):
+            RunConfig(workers=2, steps=5, allreduce_algorithm="ring", **settings).validate()
 
 
 def test_compression_across_the_data_group_and_where_there_is_none():

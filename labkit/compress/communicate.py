@@ -16,6 +16,15 @@ The protocol every compressor inherits, here:
 - point to point and broadcast: one packet, its size first, then its bytes.
 
 The communicator's ``stats.bytes_sent`` counts exactly those bytes.
+
+The one-round sum comes in two halves, as a DDP communication hook does it:
+:func:`start_allreduce_packets` compresses at once (error feedback included) and starts the
+exchange without waiting (an asynchronous allreduce of the summable fields, or an
+asynchronous allgather of the packets' wire bytes); ``wait()`` on what it returns
+decompresses and adds up. The blocking :func:`allreduce_packets` is the two halves one after
+the other, so an overlapped sum and a blocking one take the very same steps.
+``CompressedCommunicator.start_allreduce`` offers it for any compressor: one with its own
+protocol of several dependent rounds (PowerSGD) runs that protocol at once instead.
 """
 
 from __future__ import annotations
@@ -32,27 +41,172 @@ def allreduce_compressed(comm, compressor: Compressor, tensor: torch.Tensor, key
 
 def allreduce_packets(comm, compressor: Compressor, tensor: torch.Tensor, key=None) -> torch.Tensor:
     """The protocol of a one-round compressor: summed fields, or gathered packets."""
+    return start_allreduce_packets(comm, compressor, tensor, key, asynchronous=False).wait()
+
+
+class PendingSum:
+    """A compressed sum under way: ``wait()`` returns the sum over the ranks (a new tensor).
+
+    ``asynchronous`` says whether the exchange was still on the wire when the start returned
+    (False where the communicator has no asynchronous collective, or for a protocol of
+    several rounds, which ran at once)."""
+
+    def __init__(self, finish, asynchronous: bool):
+        self._finish, self.asynchronous = finish, asynchronous
+        self._total = None
+
+    def wait(self) -> torch.Tensor:
+        if self._finish is not None:
+            self._total, self._finish = self._finish(), None
+        return self._total
+
+
+def start_allreduce_packets(comm, compressor: Compressor, tensor: torch.Tensor, key=None,
+                            asynchronous: bool = True) -> PendingSum:
+    """Compress ``tensor`` now and start the one-round exchange of the packet without waiting:
+    an asynchronous allreduce of each field when packets add up field by field, else an
+    asynchronous allgather of every rank's wire bytes (after a blocking allgather of the
+    sizes when they vary). ``asynchronous=False``: the communicator's blocking calls, the
+    exchange done before it returns."""
     packet = compressor.compress(tensor, key)
     if compressor.summable:
-        for field in packet.fields:
-            comm.allreduce(field)
-        return compressor.decompress(packet)
-    packets = allgather_packets(comm, packet, compressor.variable_size)
-    total = compressor.decompress(packets[0]).clone()
-    for other in packets[1:]:
-        total += compressor.decompress(other)
-    return total
+        works = [start_allreduce(comm, field, asynchronous) for field in packet.fields]
+
+        def finish():
+            for work in works:
+                work.wait()
+            return compressor.decompress(packet)
+        return PendingSum(finish, any(w.asynchronous for w in works))
+    gathering = start_allgather_packets(comm, packet, compressor.variable_size, asynchronous)
+
+    def finish():
+        packets = gathering.wait()
+        total = compressor.decompress(packets[0]).clone()
+        for other in packets[1:]:
+            total += compressor.decompress(other)
+        return total
+    return PendingSum(finish, gathering.asynchronous)
 
 
 def allgather_packets(comm, packet: Packet, variable_size: bool) -> list[Packet]:
     """Every rank's packet, in rank order."""
+    return start_allgather_packets(comm, packet, variable_size, asynchronous=False).wait()
+
+
+def start_allgather_packets(comm, packet: Packet, variable_size: bool, asynchronous: bool = True) -> PendingSum:
+    """Start gathering every rank's packet; ``wait()`` returns them in rank order."""
     wire = packet.to_wire()
     if variable_size:
         sizes = [int(size) for size in comm.allgather(torch.tensor([wire.numel()]))]
         wire = torch.cat([wire, wire.new_zeros(max(sizes) - wire.numel())])
     else:
         sizes = [wire.numel()] * comm.size
-    return [Packet.from_wire(buffer[:size]) for buffer, size in zip(comm.allgather(wire), sizes)]
+    work = start_allgather(comm, wire, asynchronous)
+
+    def finish():
+        return [Packet.from_wire(buffer[:size]) for buffer, size in zip(work.wait(), sizes)]
+    return PendingSum(finish, work.asynchronous)
+
+
+# --- collectives started without waiting ------------------------------------------------------
+class _Done:
+    """A collective that already ran (one rank, or a communicator without asynchronous calls)."""
+
+    asynchronous = False
+
+    def __init__(self, result=None):
+        self.result = result
+
+    def wait(self):
+        return self.result
+
+
+class _TorchWork:
+    """A torch.distributed request (``async_op=True``): ``wait()`` gives up after the
+    communicator's timeout, and counts the time spent waiting as communication."""
+
+    asynchronous = True
+
+    def __init__(self, work, comm, op: str, result=None):
+        self.work, self.comm, self.op, self.result = work, comm, op, result
+
+    def wait(self):
+        import datetime
+        import time
+
+        import torch.distributed as dist
+
+        from ..comm.base import PeerError
+
+        t0 = time.perf_counter()
+        try:
+            done = self.work.wait(datetime.timedelta(seconds=self.comm.timeout))
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise PeerError(f"{self.op} failed: another rank died or stopped answering "
+                            f"({str(e).splitlines()[0]})") from e
+        if done is False:
+            raise PeerError(f"{self.op}: no answer in {self.comm.timeout:.0f} s (a rank died or is stuck)")
+        self.comm.stats.add_time(time.perf_counter() - t0)
+        return self.result
+
+
+def _issue(comm, op: str, start):
+    """Start a torch.distributed request; a failure to start names the lost peer as the
+    blocking calls do."""
+    import torch.distributed as dist
+
+    from ..comm.base import PeerError
+
+    try:
+        return start()
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise PeerError(f"{op} failed: another rank died or stopped answering ({str(e).splitlines()[0]})") from e
+
+
+def _torch_async(comm, tensor: torch.Tensor) -> bool:
+    """Whether ``comm`` is a torch.distributed communicator (gloo, NCCL) holding ``tensor``'s
+    device, which runs collectives asynchronously (``async_op=True``)."""
+    from ..comm.torchdist import TorchDistCommunicator
+
+    return isinstance(comm, TorchDistCommunicator) and tensor.device.type == comm.device.type
+
+
+def start_allreduce(comm, tensor: torch.Tensor, asynchronous: bool = True):
+    """Start summing ``tensor`` over ``comm`` in place; returns a handle with ``wait()`` and
+    ``asynchronous``. torch.distributed's ``async_op=True`` on a gloo or NCCL communicator;
+    on another backend (MPI, a hand-written allreduce), or with ``asynchronous=False``, the
+    communicator's blocking allreduce runs at once."""
+    import torch.distributed as dist
+
+    if comm.size == 1:
+        return _Done(tensor)
+    if asynchronous and hasattr(comm, "iallreduce"):
+        return comm.iallreduce(tensor)
+    if asynchronous and _torch_async(comm, tensor):
+        work = _issue(comm, "allreduce", lambda: dist.all_reduce(tensor, group=comm.group, async_op=True))
+        n = comm.size
+        comm.stats.add("allreduce", 2 * (n - 1) * tensor.numel() * tensor.element_size() // n, 2 * (n - 1))
+        return _TorchWork(work, comm, "allreduce", tensor)
+    comm.allreduce(tensor)
+    return _Done(tensor)
+
+
+def start_allgather(comm, tensor: torch.Tensor, asynchronous: bool = True):
+    """Start gathering ``tensor`` (the same shape on every rank) from every rank; ``wait()``
+    returns the list in rank order. Asynchronous where ``start_allreduce`` is."""
+    import torch.distributed as dist
+
+    if comm.size == 1:
+        return _Done([tensor.clone()])
+    if asynchronous and hasattr(comm, "iallgather"):
+        return comm.iallgather(tensor)
+    if asynchronous and _torch_async(comm, tensor):
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(comm.size)]
+        work = _issue(comm, "allgather", lambda: dist.all_gather(out, tensor, group=comm.group, async_op=True))
+        comm.stats.add("allgather", (comm.size - 1) * tensor.numel() * tensor.element_size(), comm.size - 1)
+        return _TorchWork(work, comm, "allgather", out)
+    return _Done(comm.allgather(tensor))
 
 
 def send_compressed(comm, compressor: Compressor, tensor: torch.Tensor, dst: int, key=None,
@@ -131,6 +285,23 @@ class CompressedCommunicator:
         if total is not tensor:
             tensor.copy_(total)
         return tensor
+
+    def start_allreduce(self, tensor: torch.Tensor, key=None) -> PendingSum:
+        """Start the sum of ``allreduce`` without waiting: ``wait()`` on the result writes the
+        sum into ``tensor`` and returns it. A one-round compressor compresses now and leaves its
+        exchange on the wire; a compressor with a protocol of its own runs it now."""
+        if type(self.compressor).allreduce is Compressor.allreduce:
+            pending = start_allreduce_packets(self.comm, self.compressor, tensor, key)
+        else:
+            total = self.compressor.allreduce(self.comm, tensor, key)
+            pending = PendingSum(lambda: total, False)
+
+        def finish():
+            total = pending.wait()
+            if total is not tensor:
+                tensor.copy_(total)
+            return tensor
+        return PendingSum(finish, pending.asynchronous)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, key=None) -> torch.Tensor:
         received = self.compressor.broadcast(self.comm, tensor, src, key)

@@ -35,14 +35,44 @@ def uses_sync_mode(parallelism: str, data_parallel: str) -> bool:
     return parallelism == "data" and data_parallel == "flat"
 
 
+# The sync modes that cannot average gradients in buckets, by why not (``sync_refusal``).
+MASTER_MODES = ("ps-sync", "ps-async", "ssp", "easgd-rr", "easgd-async", "measgd-async", "easgd-hogwild", "easgd-sync")
+WEIGHT_SCHEDULES = {"local-sgd": "every --sync-every steps", "fedavg": "once a round, after --local-epochs of "
+                    "local training", "gossip": "with its two ring neighbours after every local step"}
+
+
+def sync_reason(sync: str) -> str:
+    """Why ``sync`` has no per-step gradient average among equal ranks for buckets to carry."""
+    if sync in MASTER_MODES:
+        sends = "gradients" if sync in ("ps-sync", "ps-async", "ssp") else "weights"
+        return (f"rank 0 is its master (it holds the weights and trains on nothing) and each worker sends it "
+                f"{sends}, so no gradient is averaged among the ranks")
+    if sync in WEIGHT_SCHEDULES:
+        return f"it averages weights, not gradients, {WEIGHT_SCHEDULES[sync]}"
+    if sync == "hogwild":
+        return "its ranks update weights shared in memory and exchange nothing"
+    return "it does not average the gradients of every step by allreduce"
+
+
+def sync_refusal(sync: str, parallelism: str, data_parallel: str) -> str:
+    """One line: why ``--sync sync`` cannot train this parallelism, and what to use."""
+    if parallelism == "data":
+        return (f"{sync} cannot combine with --data-parallel {data_parallel}: {sync_reason(sync)}; use "
+                f"--data-parallel flat (the default, where --sync {sync} runs as it is), or --sync allreduce "
+                f"to keep --data-parallel {data_parallel}")
+    return (f"{sync} cannot combine with --parallelism {parallelism}: {sync_reason(sync)}, while a split model "
+            "averages its gradients over the data group with allreduce (--sync allreduce)")
+
+
 def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel, microbatches, batch_size,
-          sync, compression, data_parallel, bucket_mb, resume):
+          sync, compression, data_parallel, bucket_mb, resume, allreduce_algorithm="library"):
     """(option, problem) for a combination that cannot work, else None.
 
     A split model (and data parallelism naive or bucketed) averages its gradients over the
-    data group by allreduce, through the compressing communicator: any ``--compression``
-    applies, no other ``--sync`` does (those modes exchange weights, or talk to a master,
-    on their own schedule, which a pipeline or a tensor split cannot follow)."""
+    data group by the library's allreduce, through the compressing communicator: any
+    ``--compression`` applies, and of the sync modes only ``allreduce`` (the others exchange
+    weights, or talk to a master, on their own schedule, or share the weights in memory:
+    ``sync_refusal`` says which, and what to use)."""
     from ..models import build_model
     from .grid import grid_shape
     from .model import count_layers
@@ -57,12 +87,14 @@ def check(parallelism, workers, model, dataset, pipeline_stages, tensor_parallel
             return option, "splits the model: use --parallelism pipeline, tensor or hybrid"
         if uses_sync_mode(parallelism, data_parallel):
             return None
-        if sync != "allreduce":
-            return "--sync", (f"{sync} cannot combine with --data-parallel {data_parallel}, which averages the "
-                              "gradients by allreduce itself: use --sync allreduce, or --data-parallel flat")
-    elif sync != "allreduce":
-        return "--sync", (f"{sync} cannot combine with --parallelism {parallelism}: a split model averages "
-                          "its gradients over the data group with allreduce (--sync allreduce)")
+    if sync != "allreduce":
+        return "--sync", sync_refusal(sync, parallelism, data_parallel)
+    if allreduce_algorithm != "library":
+        where, other = ((f"--data-parallel {data_parallel}", ", or --data-parallel flat") if parallelism == "data"
+                        else (f"--parallelism {parallelism}", ""))
+        return "--allreduce-algorithm", (f"{allreduce_algorithm} sums the one flat buffer of --data-parallel flat; "
+                                         f"{where} sums with the library's allreduce: use --allreduce-algorithm "
+                                         f"library{other}")
     if resume:
         return "--resume", f"not available with --parallelism {parallelism} --data-parallel {data_parallel}"
     shape = _INPUT_SHAPES.get(dataset, (1, 8, 8))

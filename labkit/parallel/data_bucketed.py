@@ -10,16 +10,32 @@ complete its allreduce starts, asynchronously, while backward goes on with the e
 layers. ``sync_gradients`` then only waits for what is still on the wire. (Li et al.,
 "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020.)
 
-The allreduce is started without waiting through ``start_allreduce``: torch.distributed's
-``async_op=True`` on a torch.distributed communicator; on another backend it runs at once
-(still one message per bucket, only without the overlap).
+The allreduce is started without waiting through ``start_allreduce``
+(``labkit/compress/communicate.py``): torch.distributed's ``async_op=True`` on a
+torch.distributed communicator; on another backend it runs at once (still one message per
+bucket, only without the overlap).
 
-With a compressor (``--compression``), each bucket goes through the compressing
-communicator as soon as it is complete, with its own error feedback (key ``bucket<b>``;
-per parameter for a layerwise compressor): the compressors' exchange is blocking (sizes,
-then packets), so backward waits for each compressed bucket. The gradient is compressed
-as this rank computed it and the sum divided by N afterwards, as the flat buffer of the
-``allreduce`` sync mode is, so with one bucket the two take the very same steps.
+With a compressor (``--compression``), a complete bucket goes through the compressing
+communicator's ``start_allreduce``, as a DDP communication hook (torch's PowerSGD hook) does
+it: the bucket is compressed in the hook, with its own error feedback (key ``bucket<b>``; per
+parameter for a layerwise compressor), and its exchange starts without waiting, an
+asynchronous allreduce of the packet's fields for a compressor whose packets add up (fp16,
+bf16), an asynchronous allgather of the packets for the others (top-k, 1-bit, QSGD, ...);
+backward goes on with the earlier layers while the packets are on the wire, and
+``sync_gradients`` decompresses and adds up what each bucket received, in rank order, then
+divides by N. The compressor's own code does both halves (``compress/communicate.py``), so the
+overlapped sum is the blocking one, step for step: the same weights with ``overlap=False``,
+which exchanges every bucket after backward, in the same order. A compressor whose protocol
+has rounds that depend on each other (PowerSGD: P is summed before Q is computed) runs it in
+the hook, blocking. The gradient is compressed as this rank computed it and the sum divided by
+N afterwards, as the flat buffer of the ``allreduce`` sync mode is, so with one bucket the two
+take the very same steps.
+
+Each step leaves its record in ``last_record``: in the order they happened, ``backward_start``,
+``bucket_ready`` and ``exchange_start`` (with ``asynchronous``) of each bucket,
+``backward_end`` (backward has returned), and ``exchange_end`` of each bucket once its sum is
+in place, each with its time in seconds since the step began. Communication overlaps
+backward when a bucket's ``exchange_start`` comes before ``backward_end``.
 """
 
 from __future__ import annotations
@@ -27,51 +43,38 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..comm.buckets import GradientBuckets
+from ..compress.communicate import start_allreduce
 from .data_naive import _DataParallel
 
+__all__ = ["DataParallelBucketed", "start_allreduce"]
 
-class _Done:
+
+class _Exchange:
+    """The exchange of one bucket: its sums under way; ``wait()`` puts the mean in place."""
+
+    def __init__(self, pendings, after=None):
+        self.pendings, self.after = pendings, after
+        self.asynchronous = any(getattr(p, "asynchronous", False) for p in pendings)
+
     def wait(self):
-        return None
-
-
-class _TorchWork:
-    def __init__(self, work, comm):
-        self.work, self.comm = work, comm
-
-    def wait(self):
-        t0 = time.perf_counter()
-        self.work.wait()
-        self.comm.stats.add_time(time.perf_counter() - t0)
-
-
-def start_allreduce(comm, tensor: torch.Tensor):
-    """Start summing ``tensor`` over ``comm`` in place; returns a handle with ``wait()``."""
-    if comm.size == 1:
-        return _Done()
-    if hasattr(comm, "iallreduce"):
-        return comm.iallreduce(tensor)
-    if getattr(comm, "backend", None) in ("gloo", "nccl") and hasattr(comm, "group") \
-            and tensor.device.type == comm.device.type:
-        work = dist.all_reduce(tensor, group=comm.group, async_op=True)
-        n = comm.size
-        comm.stats.add("allreduce", 2 * (n - 1) * tensor.numel() * tensor.element_size() // n, 2 * (n - 1))
-        return _TorchWork(work, comm)
-    comm.allreduce(tensor)
-    return _Done()
+        for pending in self.pendings:
+            pending.wait()
+        if self.after is not None:
+            self.after()
 
 
 class DataParallelBucketed(_DataParallel):
-    """Buckets of gradients, each allreduced as soon as backward has filled it."""
+    """Buckets of gradients, each exchanged as soon as backward has filled it
+    (``overlap=False``: every bucket after backward, the baseline the overlap is measured against)."""
 
-    def __init__(self, module: nn.Module, comm, bucket_mb: float = 25.0, compressor=None):
+    def __init__(self, module: nn.Module, comm, bucket_mb: float = 25.0, compressor=None, overlap: bool = True):
         super().__init__(module, comm, compressor)
         self.buckets = GradientBuckets(module.parameters(), cap_bytes=max(1, int(bucket_mb * 2**20)))
         self.scale = 1.0 / comm.size
+        self.overlap = overlap
         names = {p: getattr(p, "full_name", name) for name, p in module.named_parameters()}
         self.view_of, self.bucket_of, self.key_of = {}, {}, {}
         for b, group in enumerate(self.buckets.groups):
@@ -81,7 +84,21 @@ class DataParallelBucketed(_DataParallel):
                 self.key_of[p] = names[p]
                 p.register_post_accumulate_grad_hook(self._ready)
         self.pending = [len(group) for group in self.buckets.groups]
-        self.handles: list = []
+        self.ready: list[int] = []  # buckets in the order backward completed them
+        self.handles: dict = {}
+        self.events: list[dict] = []
+        self.last_record: list[dict] = []
+        self._t0 = None
+
+    def mark(self, kind: str, bucket: int | None = None, **extra) -> None:
+        """Add an event to this step's record."""
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now
+        event = {"kind": kind, "t": round(now - self._t0, 6)}
+        if bucket is not None:
+            event["bucket"] = bucket
+        self.events.append({**event, **extra})
 
     def _ready(self, p: torch.Tensor) -> None:
         """Backward has accumulated ``p.grad``: into the bucket with it; start a full bucket."""
@@ -98,26 +115,45 @@ class DataParallelBucketed(_DataParallel):
         self.pending[b] -= 1
         if self.pending[b] == 0:
             self.pending[b] = len(self.buckets.groups[b])  # ready for the next backward
-            self.handles.append(self._exchange(b))
+            self.ready.append(b)
+            self.mark("bucket_ready", b)
+            if self.overlap:
+                self.handles[b] = self._exchange(b)
+                self.mark("exchange_start", b, asynchronous=self.handles[b].asynchronous)
 
-    def _exchange(self, b: int):
+    def _exchange(self, b: int, asynchronous: bool = True) -> _Exchange:
+        """Start the exchange of bucket ``b`` (``asynchronous=False``: do it now, blocking)."""
         buffer = self.buckets.buffers[b]
         if self.lossless:
-            return start_allreduce(self.comm, buffer)
-        if self.comm.size > 1:
-            if self.compressed.compressor.layerwise:
-                for p in self.buckets.groups[b]:
-                    self.compressed.allreduce(self.view_of[p], key=self.key_of[p])
-            else:
-                self.compressed.allreduce(buffer, key=f"bucket{b}")
-            buffer /= self.comm.size
-        return _Done()
+            return _Exchange([start_allreduce(self.comm, buffer, asynchronous)])
+        if self.comm.size == 1:
+            return _Exchange([])
+        pieces = ([(self.view_of[p], self.key_of[p]) for p in self.buckets.groups[b]]
+                  if self.compressed.compressor.layerwise else [(buffer, f"bucket{b}")])
+
+        def mean():
+            buffer.div_(self.comm.size)
+        if not asynchronous:
+            for tensor, key in pieces:
+                self.compressed.allreduce(tensor, key=key)
+            return _Exchange([], mean)
+        return _Exchange([self.compressed.start_allreduce(tensor, key=key) for tensor, key in pieces], mean)
 
     def sync_gradients(self) -> None:
-        handles, self.handles = self.handles, []
-        if len(handles) != len(self.buckets):
-            self.pending = [len(group) for group in self.buckets.groups]
-            raise RuntimeError(f"only {len(handles)} of {len(self.buckets)} gradient buckets were "
-                               "filled: some parameter got no gradient")
-        for handle in handles:
-            handle.wait()
+        self.mark("backward_end")
+        ready, handles, self.ready, self.handles = self.ready, self.handles, [], {}
+        try:
+            if len(ready) != len(self.buckets):
+                self.pending = [len(group) for group in self.buckets.groups]
+                raise RuntimeError(f"only {len(ready)} of {len(self.buckets)} gradient buckets were "
+                                   "filled: some parameter got no gradient")
+            for b in ready:
+                if not self.overlap:
+                    self.mark("exchange_start", b, asynchronous=False)
+                    handle = self._exchange(b, asynchronous=False)
+                else:
+                    handle = handles[b]
+                handle.wait()
+                self.mark("exchange_end", b)
+        finally:
+            self.last_record, self.events, self._t0 = self.events, [], None

@@ -54,6 +54,7 @@ class _DataParallel:
         """Loss on this rank's shard (its mean); leaves the averaged gradients in ``.grad``."""
         out = self.module(x)
         loss = F.cross_entropy(out, y)
+        self.mark("backward_start")
         loss.backward()
         self.last_correct = int((out.argmax(1) == y).sum())
         self.sync_gradients()
@@ -61,6 +62,9 @@ class _DataParallel:
 
     def sync_gradients(self) -> None:
         raise NotImplementedError
+
+    def mark(self, kind: str, bucket: int | None = None, **extra) -> None:
+        """Record an event of the step (only the bucketed way keeps a record)."""
 
     def allreduce(self, tensor: torch.Tensor, key) -> None:
         """Sum ``tensor`` over the ranks in place (``none``: the plain allreduce, no copy)."""
