@@ -10,6 +10,7 @@ buckets) on 2 ranks, and every rank ends each step with the same averaged gradie
 train`` runs bucketed top-k on digits through the real worker.
 """
 
+import functools
 import json
 
 import pytest
@@ -91,11 +92,24 @@ def compressed_ranks(comm) -> dict:
     return out  # numpy, not tensors: a tensor would travel as shared memory of a process that has ended
 
 
-@pytest.fixture(scope="module")
-def ranks():
+def both_ranks(comm) -> dict:
+    """This file's runs and test_parallel_overlap.py's, on the same two ranks."""
+    from tests.test_parallel_overlap import overlap_ranks
+
+    return {"compress": compressed_ranks(comm), "overlap": overlap_ranks(comm)}
+
+
+@functools.lru_cache(maxsize=1)
+def spawned() -> list:
+    """One start of two ranks for both files (starting them is most of the time on 2 cores)."""
     from labkit.parallel.spawn import run_ranks
 
-    return run_ranks(compressed_ranks, 2, timeout=240)
+    return run_ranks(both_ranks, 2, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return [r["compress"] for r in spawned()]
 
 
 def test_bucketed_topk_with_error_feedback_equals_flat_topk_in_the_bucket_order(ranks):
@@ -138,6 +152,16 @@ def test_bucketed_with_a_compressor_through_labkit_train(tmp_path, no_leftovers)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["grid"] == {"data": 2, "pipeline": 1, "tensor": 1}
+    # each rank's step record: every bucket compressed and sent while backward was still running
+    from labkit.runs import RunDir
+
+    records = [e for e in RunDir(run_dir).metrics(kind="event") if e.get("event") == "buckets"]
+    assert sorted({(e["rank"], e["step"]) for e in records}) == [(r, s) for r in (0, 1) for s in (10, 20, 30)]
+    for e in records:
+        kinds = [event["kind"] for event in e["events"]]
+        assert e["buckets"] > 1 and e["overlapped"] == e["buckets"], e
+        assert kinds.index("backward_start") < kinds.index("exchange_start") < kinds.index("backward_end"), kinds
+        assert all(event["asynchronous"] for event in e["events"] if event["kind"] == "exchange_start"), e
     assert summary["test_accuracy"] > 0.7, summary["test_accuracy"]
     # per step and rank: 4 buckets of top-k 5 % (6 bytes a value) and two scalars, far below the
     # 4 bytes a value of the plain allreduce; the broadcast and gathers of the whole model come once

@@ -49,9 +49,10 @@ def overlap_ranks(comm) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks():
-    from labkit.parallel.spawn import run_ranks
+    # the same two ranks as test_parallel_compress.py's runs
+    from .test_parallel_compress import spawned
 
-    return run_ranks(overlap_ranks, 2, timeout=120)
+    return [r["overlap"] for r in spawned()]
 
 
 @pytest.mark.parametrize("name", list(COMPRESSORS))

@@ -11,6 +11,9 @@ every rank (``ParallelModel.full_state``). The summary gains ``grid``, and for p
 ``bubble_fraction`` (measured: the ranks' mean idle share of a step) beside
 ``bubble_fraction_model`` ((p−1)/(m+p−1)) and ``stashed_peak``. The run's compressor
 (``--compression``, with its error feedback) compresses the gradients averaged over the data group.
+Bucketed data parallelism writes, at each logged step, a ``buckets`` event per rank: the step's
+record (``DataParallelBucketed.last_record``: backward's start and end, and when each bucket was
+ready, left and came back, in order) and ``overlapped``, the buckets that left before backward ended.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ class ParallelRun:
                 ctx.log_train(step, epoch, mean_loss, accuracy, meter.samples, bytes_sent=parallel.bytes_sent(),
                               comm_s=comm_s, compute_s=max(0.0, ctx.timers.compute_s - comm_inside),
                               grid=shape.as_dict())
+                record = getattr(parallel.sync, "last_record", None)
+                if record:
+                    ctx.event("buckets", step=step, data_index=grid.data_index, events=record,
+                              buckets=len(parallel.sync.buckets), overlapped=overlapped_buckets(record))
                 if stats:
                     ctx.event("timeline", step=step, stage=grid.stage, data_index=grid.data_index,
                               tensor_index=grid.tensor_index, span=stats["span"], events=stats["events"],
@@ -95,3 +102,9 @@ class ParallelRun:
                            stashed_peak=int(peak), microbatches=parallel.microbatches,
                            schedule=parallel.schedule if self.parallelism != "model" else "gpipe")
         return results
+
+
+def overlapped_buckets(record: list[dict]) -> int:
+    """How many buckets of a step's record left before backward ended."""
+    ended = next((i for i, e in enumerate(record) if e["kind"] == "backward_end"), len(record))
+    return sum(1 for e in record[:ended] if e["kind"] == "exchange_start")
