@@ -24,7 +24,8 @@ asynchronous allgather of the packets' wire bytes); ``wait()`` on what it return
 decompresses and adds up. The blocking :func:`allreduce_packets` is the two halves one after
 the other, so an overlapped sum and a blocking one take the very same steps.
 ``CompressedCommunicator.start_allreduce`` offers it for any compressor: one with its own
-protocol of several dependent rounds (PowerSGD) runs that protocol at once instead.
+protocol of several dependent rounds (PowerSGD) runs that protocol on a background thread instead,
+the sums in the order they were started.
 """
 
 from __future__ import annotations
@@ -263,6 +264,15 @@ class CompressedCommunicator:
     def __init__(self, comm, compressor: Compressor):
         self.comm = comm
         self.compressor = compressor
+        self._thread = None
+
+    def _rounds(self):
+        """The one thread that runs the protocols of several rounds started by ``start_allreduce``."""
+        if self._thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-compressed-rounds")
+        return self._thread
 
     @property
     def rank(self) -> int:
@@ -288,10 +298,19 @@ class CompressedCommunicator:
 
     def start_allreduce(self, tensor: torch.Tensor, key=None) -> PendingSum:
         """Start the sum of ``allreduce`` without waiting: ``wait()`` on the result writes the
-        sum into ``tensor`` and returns it. A one-round compressor compresses now and leaves its
-        exchange on the wire; a compressor with a protocol of its own runs it now."""
+        sum into ``tensor`` and returns it; leave ``tensor`` alone until then.
+
+        A one-round compressor compresses now and leaves its exchange on the wire. A compressor
+        with a protocol of its own, whose rounds depend on each other (PowerSGD sums P before it
+        computes Q), runs that protocol, blocking call after blocking call, on this
+        communicator's one background thread, in the order the sums were started (so every rank
+        issues the same collectives in the same order); where the communicator has no
+        asynchronous collectives (MPI, a hand-written allreduce) it runs it now."""
         if type(self.compressor).allreduce is Compressor.allreduce:
             pending = start_allreduce_packets(self.comm, self.compressor, tensor, key)
+        elif _torch_async(self.comm, tensor) and self.comm.size > 1:
+            future = self._rounds().submit(self.compressor.allreduce, self.comm, tensor, key)
+            pending = PendingSum(future.result, True)
         else:
             total = self.compressor.allreduce(self.comm, tensor, key)
             pending = PendingSum(lambda: total, False)

@@ -26,8 +26,9 @@ backward goes on with the earlier layers while the packets are on the wire, and
 divides by N. The compressor's own code does both halves (``compress/communicate.py``), so the
 overlapped sum is the blocking one, step for step: the same weights with ``overlap=False``,
 which exchanges every bucket after backward, in the same order. A compressor whose protocol
-has rounds that depend on each other (PowerSGD: P is summed before Q is computed) runs it in
-the hook, blocking. The gradient is compressed as this rank computed it and the sum divided by
+has rounds that depend on each other (PowerSGD: P is summed before Q is computed) runs it on the
+compressing communicator's background thread, bucket after bucket, while backward goes on (torch's
+PowerSGD hook chains the rounds with futures to the same end). The gradient is compressed as this rank computed it and the sum divided by
 N afterwards, as the flat buffer of the ``allreduce`` sync mode is, so with one bucket the two
 take the very same steps.
 
