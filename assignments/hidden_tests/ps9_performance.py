@@ -2,6 +2,16 @@
 
 The runs are read, never run (labkit.grading.performance). The target and tolerance here are the ones
 that grade; the notebook states the same. Messages say what failed, never the expected answer.
+
+The target is judged from what the runs count (the samples each worker computes per step), not from
+how busy the machine was when they ran (see labkit.grading.performance): MIN_BATCH is the smallest
+batch per worker whose runs reach TARGET - TOLERANCE on the course's 2-core machine when it is
+quiet. Measured there, each the minimum of repeated timings (a quiet machine's cost of the step),
+with OMP_NUM_THREADS=1: the MLP's forward, backward and SGD step take 0.40 ms at 16 samples,
+0.56 ms at 128, 0.81 ms at 256, 1.19 ms at 512 and 2.0 ms at 1024, and the allreduce of its 17,226
+gradients between two gloo ranks 0.16 ms. A step of n workers costs its compute, the allreduce and
+the loop's own 0.5-0.65 ms (a 1-worker run's time per step beyond its compute), so 2 workers reach
+about 0.45 at 16 samples each (the default), 0.53 at 128, 0.57 at 256 and 0.68 at 512.
 """
 
 import math
@@ -16,6 +26,7 @@ WORKERS = 2
 REQUIRED = {"dataset": "digits", "model": "mlp", "parallelism": "data", "sync": "allreduce", "compression": "none"}
 # Runs of the same problem train the same model: strong scaling changes who computes, not what.
 ACCURACY_SPREAD = 0.05
+MIN_BATCH = 256  # samples per worker per step: see above
 
 
 def efficiency(strong_scaling_efficiency):
@@ -50,5 +61,5 @@ def runs(runs):
 
 
 def target(runs):
-    result = _measured(runs)
-    assert result.meets(TARGET, TOLERANCE), f"target not met: {result.report(TARGET, TOLERANCE)}"
+    met, why = _measured(runs).verdict(TARGET, TOLERANCE, MIN_BATCH)
+    assert met, why
