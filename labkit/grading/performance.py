@@ -18,7 +18,7 @@ What decides the target is what the runs *count*, not how busy the machine was w
 The timings of a run measure the machine as it was: on a shared machine a 2-worker step waits
 for cores other programs hold, so a right configuration measures a low efficiency, and a
 1-worker run slowed the same way makes a wrong one look efficient (on the course's 2-core machine,
-under a load average of 8, the right runs measured 0.16 to 0.46 and runs of the default small
+under load averages from 2 to 10, the right runs measured 0.16 to 0.78 and runs of the default small
 batch 0.10 to 0.73). Medians and intervals absorb a busy moment, not a busy hour. What a run
 records without timing it cannot be moved by the load: the steps, the samples each worker
 computes per step (``samples`` of its training records) and the bytes it sends per step. So the
