@@ -94,8 +94,8 @@ def test_the_running_score_table_shows_every_notebook(both):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--jobs", "0"], "at least 1 notebook at once is needed, not 0"),
-    (["--jobs", "abc"], "a whole number of notebooks at once is needed, not 'abc'"),
+    (["--jobs", "0"], "expected a whole number of notebooks at once >= 1, got 0"),
+    (["--jobs", "abc"], "expected a whole number of notebooks at once >= 1, got 'abc'"),
     (["--course", "/nowhere/course"], "course directory /nowhere/course not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..options import whole_number
+
 GRADING_OUTPUTS = ("release", "submitted", "autograded", "feedback", "gradebook.db", "grades.csv",
                    "__pycache__", ".nbgrader.log")
 DEFAULT_ASSIGNMENTS = ("ps0_warmup", "ps6_numerics")
@@ -49,14 +51,7 @@ def course_source() -> Path:
     return root
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number is needed, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"1 or more is needed, not {value}")
-    return value
+_positive = whole_number()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..options import positive_number, whole_number, whole_numbers
+
 NETNS_ENV = "LABKIT_BENCH_NETNS"  # set inside the private network namespace
 DEFAULTS = {"workers": "1,2,4", "repeats": 3, "target_accuracy": 0.95, "steps": 60, "batch_size": 64,
             "eval_every": 10}
@@ -53,32 +55,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"labkit: error: bench scaling: {message}\n")
 
 
-def _worker_list(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or any(not p for p in parts):
-        raise argparse.ArgumentTypeError(f"expected worker counts like 1,2,4, got {text!r}")
-    counts = []
-    for p in parts:
-        try:
-            n = int(p)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{p!r} is not a whole number (expected worker counts like 1,2,4)") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"worker counts must be >= 1, got {n}")
-        counts.append(n)
-    if len(set(counts)) != len(counts):
-        raise argparse.ArgumentTypeError(f"each worker count once, got {text!r}")
-    return sorted(counts)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+_worker_list = whole_numbers
+_positive_int = whole_number()
 
 
 def _accuracy(text: str) -> float:
@@ -91,14 +69,7 @@ def _accuracy(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+_positive_float = positive_number
 
 
 def _lr_list(text: str) -> list[float]:

@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..options import whole_number
+
 PROG = "python -m labkit.grading"
 
 
@@ -14,15 +16,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_jobs(text):
-    """--jobs: a whole number of 1 or more."""
-    try:
-        jobs = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number of notebooks at once is needed, not {text!r}") from None
-    if jobs < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 notebook at once is needed, not {jobs}")
-    return jobs
+parse_jobs = whole_number("a whole number of notebooks at once")  # --jobs
 
 
 def default_jobs():
