@@ -5,7 +5,9 @@ In a cell of the released notebook (any cell, after the answers have been run)::
     from labkit.grading.selfcheck import self_check
     self_check()
 
-A self-check cell does nothing while nbgrader runs the notebook (``NBGRADER_EXECUTION``). It
+Every assignment ends with such a cell ("Check your work before submitting"), which no grading
+counts. A self-check cell does nothing while nbgrader runs the notebook (``NBGRADER_EXECUTION``),
+nor outside a kernel (plain Python running the notebook's code prints one line). It
 reads the notebook as saved (the released one: no solutions, no hidden tests), runs each
 visible test cell's code in the notebook's own namespace, as the cell itself would run, and prints
 one line per test cell: passed, or the first line of why it failed. Then it lists the hidden test
@@ -50,6 +52,26 @@ def _comment(source):
     return " ".join(lines)
 
 
+def _hidden_comment(source):
+    """The comment that says what a cell's hidden tests cover, as one line ('' if none): the
+    comment lines from the first one that starts with "Hidden tests", wherever it is in the cell
+    (after the visible checks, or leading a cell of hidden tests only). nbgrader keeps it in the
+    release: it sits outside the hidden region, which nbgrader takes out."""
+    lines, found = [], False
+    for line in source.splitlines():
+        text = line.strip()
+        if not text.startswith("#"):
+            if found:
+                break
+            continue
+        text = text.lstrip("#").strip()
+        if text.lower().startswith(HIDDEN_MARK):
+            found = True
+        if found and text and not text.startswith(("BEGIN", "END")):
+            lines.append(text)
+    return " ".join(lines)
+
+
 def _points(value):
     return f"{value:g} point" + ("" if value == 1 else "s")
 
@@ -79,7 +101,7 @@ def graded_cells(notebook):
         if meta.get("solution") or cell.cell_type != "code":
             by_hand.append((gid, points, ""))
             continue
-        comment = _comment(cell.source)
+        comment = _hidden_comment(cell.source) or _comment(cell.source)
         if HIDDEN_MARK in comment.lower() or "BEGIN HIDDEN TESTS" in cell.source:
             hidden.append((gid, points, comment))
         if _code_lines(cell.source) and "BEGIN HIDDEN TESTS" not in cell.source:
@@ -116,15 +138,19 @@ def self_check(notebook=None, namespace=None, run=True, file=None):
     if os.environ.get("NBGRADER_EXECUTION"):  # nbgrader validating or grading: the tests run anyway
         print("self-check skipped while nbgrader runs", file=file)
         return None
+    if namespace is None and run:
+        try:
+            from IPython import get_ipython
+        except ImportError:  # no IPython: not in a notebook's kernel
+            get_ipython = type(None)
+        shell = get_ipython()
+        if shell is None:  # plain Python running the notebook's code: nothing to check here
+            print("self-check skipped: it runs the tests in the notebook's kernel, call it from a cell "
+                  "(python -m labkit.grading.selfcheck NOTEBOOK.ipynb lists them)", file=file)
+            return None
+        namespace = shell.user_ns
     path = Path(notebook) if notebook else find_notebook()
     nb = nbformat.read(path, as_version=4)
-    if namespace is None and run:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        if shell is None:
-            raise RuntimeError("self_check() runs the tests in the notebook's kernel: call it from a cell")
-        namespace = shell.user_ns
     visible, hidden, by_hand = graded_cells(nb)
     summary = {"visible": {}, "hidden": {}, "by_hand": {}}
     width = max([len(gid) for gid, _, _ in visible + hidden + by_hand] + [8])
