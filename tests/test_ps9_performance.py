@@ -44,6 +44,9 @@ EXPECTED = {  # student -> (total, scores of PROBLEMS; None: awaits grading by h
 }
 SMALL_BATCH = {"1024": "32", "512": "16"}  # the default batch per worker: a step too small to split
 
+# make test runs two workers (--dist loadgroup): one makes the runs, once, for all the tests here
+pytestmark = pytest.mark.xdist_group("ps9_runs")
+
 
 def source_cells():
     source = nbformat.read(COURSE / "source" / ASSIGNMENT / NOTEBOOK, as_version=4)
