@@ -271,7 +271,10 @@ class CompressedCommunicator:
         if self._thread is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-compressed-rounds")
+            # the caller's intra-op threads: MKL and OpenMP keep that setting per thread, and a
+            # matrix product split otherwise would round differently from the blocking sum's
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-compressed-rounds",
+                                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         return self._thread
 
     @property
