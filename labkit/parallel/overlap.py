@@ -36,16 +36,19 @@ def time_overlap(comm, compression: str, params: dict, steps: int, batch: int, h
                                     compressor=make_compressor(compression, **params))
         runs[name] = (model, sync, torch.optim.SGD(model.parameters(), lr=0.01))
     times = {name: [] for name in runs}
+    rng = dict.fromkeys(runs, torch.get_rng_state())  # each its own draws (QSGD, TernGrad round at random)
     for i in range(steps):
         x, y = torch.randn(batch, 1, 8, 8, generator=g)[rows], torch.randint(0, 10, (batch,), generator=g)[rows]
         for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
             model, sync, optimizer = runs[name]
+            torch.set_rng_state(rng[name])
             comm.barrier()
             t0 = time.perf_counter()
             optimizer.zero_grad()
             sync.forward_backward(x, y)
             optimizer.step()
             times[name].append(time.perf_counter() - t0)
+            rng[name] = torch.get_rng_state()
     same = all(torch.equal(a, b) for a, b in zip(runs["overlap"][0].parameters(), runs["blocking"][0].parameters()))
     return {**times, "same_weights": same, "buckets": len(runs["overlap"][1].buckets)}
 
