@@ -54,7 +54,28 @@ def kill_processes_with_token(token, rounds=50):
         time.sleep(0.01)
     for pid in stopped:
         _signal(pid, signal.SIGKILL)
+    _wait_gone(stopped)
     return len(stopped)
+
+
+def _wait_gone(pids, timeout=10.0):
+    """Wait (up to ``timeout`` s) until each killed process has died: a SIGKILL is delivered
+    asynchronously, and a process that still runs a moment later would be found again."""
+    deadline = time.monotonic() + timeout
+    left = set(pids)
+    while left and time.monotonic() < deadline:
+        left = {pid for pid in left if _running(pid)}
+        if left:
+            time.sleep(0.01)
+
+
+def _running(pid):
+    """Whether ``pid`` exists and is not a zombie (dead, waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _signal(pid, signum):
