@@ -31,6 +31,7 @@ the sums in the order they were started.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .base import Compressor, Packet
 
@@ -135,8 +136,6 @@ class _TorchWork:
         import datetime
         import time
 
-        import torch.distributed as dist
-
         from ..comm.base import PeerError
 
         t0 = time.perf_counter()
@@ -154,8 +153,6 @@ class _TorchWork:
 def _issue(comm, op: str, start):
     """Start a torch.distributed request; a failure to start names the lost peer as the
     blocking calls do."""
-    import torch.distributed as dist
-
     from ..comm.base import PeerError
 
     try:
@@ -164,12 +161,17 @@ def _issue(comm, op: str, start):
         raise PeerError(f"{op} failed: another rank died or stopped answering ({str(e).splitlines()[0]})") from e
 
 
+_TORCH_COMMUNICATOR = []  # the class, imported on first use
+
+
 def _torch_async(comm, tensor: torch.Tensor) -> bool:
     """Whether ``comm`` is a torch.distributed communicator (gloo, NCCL) holding ``tensor``'s
     device, which runs collectives asynchronously (``async_op=True``)."""
-    from ..comm.torchdist import TorchDistCommunicator
+    if not _TORCH_COMMUNICATOR:
+        from ..comm.torchdist import TorchDistCommunicator
 
-    return isinstance(comm, TorchDistCommunicator) and tensor.device.type == comm.device.type
+        _TORCH_COMMUNICATOR.append(TorchDistCommunicator)
+    return isinstance(comm, _TORCH_COMMUNICATOR[0]) and tensor.device.type == comm.device.type
 
 
 def start_allreduce(comm, tensor: torch.Tensor, asynchronous: bool = True):
@@ -177,8 +179,6 @@ def start_allreduce(comm, tensor: torch.Tensor, asynchronous: bool = True):
     ``asynchronous``. torch.distributed's ``async_op=True`` on a gloo or NCCL communicator;
     on another backend (MPI, a hand-written allreduce), or with ``asynchronous=False``, the
     communicator's blocking allreduce runs at once."""
-    import torch.distributed as dist
-
     if comm.size == 1:
         return _Done(tensor)
     if asynchronous and hasattr(comm, "iallreduce"):
@@ -195,8 +195,6 @@ def start_allreduce(comm, tensor: torch.Tensor, asynchronous: bool = True):
 def start_allgather(comm, tensor: torch.Tensor, asynchronous: bool = True):
     """Start gathering ``tensor`` (the same shape on every rank) from every rank; ``wait()``
     returns the list in rank order. Asynchronous where ``start_allreduce`` is."""
-    import torch.distributed as dist
-
     if comm.size == 1:
         return _Done([tensor.clone()])
     if asynchronous and hasattr(comm, "iallgather"):

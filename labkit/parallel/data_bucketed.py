@@ -87,19 +87,27 @@ class DataParallelBucketed(_DataParallel):
         self.pending = [len(group) for group in self.buckets.groups]
         self.ready: list[int] = []  # buckets in the order backward completed them
         self.handles: dict = {}
-        self.events: list[dict] = []
-        self.last_record: list[dict] = []
-        self._t0 = None
+        self.events: list[tuple] = []  # (kind, bucket, time, asynchronous): cheap while backward runs
+        self._last: list[tuple] = []
 
-    def mark(self, kind: str, bucket: int | None = None, **extra) -> None:
+    def mark(self, kind: str, bucket: int | None = None, asynchronous: bool | None = None) -> None:
         """Add an event to this step's record."""
-        now = time.perf_counter()
-        if self._t0 is None:
-            self._t0 = now
-        event = {"kind": kind, "t": round(now - self._t0, 6)}
-        if bucket is not None:
-            event["bucket"] = bucket
-        self.events.append({**event, **extra})
+        self.events.append((kind, bucket, time.perf_counter(), asynchronous))
+
+    @property
+    def last_record(self) -> list[dict]:
+        """The events of the last step, in order, with their times since its first event."""
+        if not self._last:
+            return []
+        t0, out = self._last[0][2], []
+        for kind, bucket, t, asynchronous in self._last:
+            event = {"kind": kind, "t": round(t - t0, 6)}
+            if bucket is not None:
+                event["bucket"] = bucket
+            if asynchronous is not None:
+                event["asynchronous"] = asynchronous
+            out.append(event)
+        return out
 
     def _ready(self, p: torch.Tensor) -> None:
         """Backward has accumulated ``p.grad``: into the bucket with it; start a full bucket."""
@@ -120,13 +128,13 @@ class DataParallelBucketed(_DataParallel):
             self.mark("bucket_ready", b)
             if self.overlap:
                 self.handles[b] = self._exchange(b)
-                self.mark("exchange_start", b, asynchronous=self.handles[b].asynchronous)
+                self.mark("exchange_start", b, asynchronous=getattr(self.handles[b], "asynchronous", True))
 
     def _exchange(self, b: int, asynchronous: bool = True) -> _Exchange:
         """Start the exchange of bucket ``b`` (``asynchronous=False``: do it now, blocking)."""
         buffer = self.buckets.buffers[b]
         if self.lossless:
-            return _Exchange([start_allreduce(self.comm, buffer, asynchronous)])
+            return start_allreduce(self.comm, buffer, asynchronous)  # the sum is the mean: scaled in the hook
         if self.comm.size == 1:
             return _Exchange([])
         pieces = ([(self.view_of[p], self.key_of[p]) for p in self.buckets.groups[b]]
@@ -157,4 +165,4 @@ class DataParallelBucketed(_DataParallel):
                 handle.wait()
                 self.mark("exchange_end", b)
         finally:
-            self.last_record, self.events, self._t0 = self.events, [], None
+            self._last, self.events = self.events, []

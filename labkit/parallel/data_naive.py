@@ -63,7 +63,7 @@ class _DataParallel:
     def sync_gradients(self) -> None:
         raise NotImplementedError
 
-    def mark(self, kind: str, bucket: int | None = None, **extra) -> None:
+    def mark(self, kind: str, bucket: int | None = None, asynchronous: bool | None = None) -> None:
         """Record an event of the step (only the bucketed way keeps a record)."""
 
     def allreduce(self, tensor: torch.Tensor, key) -> None:
