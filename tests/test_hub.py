@@ -56,8 +56,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def user_jobs() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-u", USER, "-o", "%i %j %T"], capture_output=True, text=True, timeout=30)
+def user_jobs(who: str = USER) -> list[str]:
+    """The jobs in the queue of ``who`` (a name, or a uid once the account is gone)."""
+    out = subprocess.run(["squeue", "-h", "-u", who, "-o", "%i %j %T"], capture_output=True, text=True, timeout=30)
     return out.stdout.splitlines()
 
 
@@ -154,9 +155,9 @@ def hub(slurm_cluster, tmp_path_factory):
         left_user = wait_until_gone(uid, 10) if uid is not None else {}
         left_state = labkit_processes(str(state))
         kill_all([*left_hub.values(), *left_user, *left_state])
-        jobs = user_jobs()
+        jobs = user_jobs(str(uid)) if uid is not None else []
         if jobs:
-            subprocess.run(["scancel", "-u", USER], capture_output=True, timeout=30)
+            subprocess.run(["scancel", *[job.split()[0] for job in jobs]], capture_output=True, timeout=30)
     assert down.returncode == 0, down.stderr
     assert not left_hub, f"still running after down: {left_hub}"
     assert not jobs, f"jobs left in the queue: {jobs}"
@@ -170,6 +171,10 @@ def _pid_in(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _alive(pid: int) -> bool:
@@ -266,7 +271,15 @@ panel.tick()
 print(json.dumps({"status": result.status, "error": result.error, "world_size": result.summary.get("world_size"),
                   "job": panel.run.job.job_id, "server_job": os.environ.get("SLURM_JOB_ID"),
                   "panel": panel.status.value, "run_dir": str(result.run_dir.resolve()),
-                  "import_s": t1 - t0, "run_s": time.time() - t1, "train_s": result.summary.get("wall_time_s")}))
+                  "import_s": t1 - t0, "run_s": time.time() - t1, "train_s": result.summary.get("wall_time_s"),
+                  "straggler": straggler}))
+"""
+# and, as a student may (`nohup ... &` in a terminal), leaves a process behind that has left
+# the server's process tree (new session, its parent gone) and ignores SIGTERM
+STRAGGLER_CODE = """
+import subprocess
+straggler = int(subprocess.run("setsid bash -c \\"trap '' TERM; exec sleep 1000\\" </dev/null >/dev/null 2>&1 & echo $!",
+                               shell=True, capture_output=True, text=True).stdout)
 """
 
 
@@ -309,7 +322,7 @@ def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
 
     phase("server answers")
     # a kernel on it runs a 2-worker labkit job through SLURM, from the panel
-    out = run_in_kernel(hub["url"], token, STUDENT_CODE)
+    out = run_in_kernel(hub["url"], token, STRAGGLER_CODE + STUDENT_CODE)
     report = json.loads(out.strip().splitlines()[-1])
     phase(f"2-worker run done (imports {report['import_s']:.1f} s, sbatch to end {report['run_s']:.1f} s, "
           f"the ranks' own wall time {report['train_s']:.1f} s)")
@@ -320,6 +333,9 @@ def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
     run_dir = Path(report["run_dir"])
     assert run_dir.stat().st_uid == int(subprocess.check_output(["id", "-u", USER]))  # written as the student
     assert (run_dir / "job.sbatch").exists() and (run_dir / "logs" / "rank-1.log").exists()
+    straggler = processes_of(hub["uid"]).get(report["straggler"], "")
+    assert straggler == "sleep 1000", f"the straggler {report['straggler']}: {straggler!r}"
+    assert _parent_of(report["straggler"]) not in processes_of(hub["uid"])  # out of the server's tree
 
     # the student stops the server: the hub cancels its job and waits until SLURM has ended it
     assert student.api("DELETE", f"/users/{USER}/server").status_code in (202, 204)
@@ -335,4 +351,7 @@ def test_student_spawns_through_sbatch_and_trains_on_slurm(hub):
     assert not user_jobs(), user_jobs()
     left = wait_until_gone(hub["uid"], 20)
     assert not left, f"processes of {USER} left after its server stopped: {left}"
+    # the job's batch script ended the straggler, which SLURM's linuxproc tracking no longer saw
+    log = (Path(f"~{USER}").expanduser() / f"jupyterhub_slurmspawner_{report['server_job']}.log").read_text()
+    assert re.search(rf"ending this job's processes left \(TERM\): .*\b{report['straggler']}\b", log), log[-2000:]
     phase("server stopped, no process of the student left")
