@@ -10,7 +10,7 @@ WORKSPACE ?= workspace
 # Jupyter refuses to run as root unless told to (containers, CI)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup lab fresh workspace release test test-unstable test-fast dashboard dashboards hub hub-down grade system-deps bench lint clean
+.PHONY: setup lab fresh workspace release test test-fast dashboard dashboards hub hub-down grade system-deps bench lint clean
 
 setup: $(STAMP)
 
@@ -42,11 +42,7 @@ release: setup
 ## (most tests wait on processes starting up, so two at a time fill two cores; TEST_JOBS=0: one)
 TEST_JOBS ?= 2
 test: setup system-deps
-	$(BIN)/python -m pytest -q --durations=25 -m "not unstable" $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup)
-
-## make test-unstable: the tests known to fail on a loaded 2-core machine (ps9's timings, the hub)
-test-unstable: setup system-deps
-	$(BIN)/python -m pytest -q -m unstable
+	$(BIN)/python -m pytest -q --durations=25 $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup)
 
 ## make test-fast: skip the slow end-to-end tests
 test-fast: setup
