@@ -100,8 +100,26 @@ def slurm_cluster():
 MACHINE_WIDE = ("test_hub.py", "test_exchange.py", "test_slurm_queue.py")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook (see below)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if (item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ())
                 or "slurm" in item.nodeid.split("::")[-1] or item.path.name in MACHINE_WIDE):
             item.add_marker(pytest.mark.xdist_group("machine"))
+    # --dist loadgroup finds a test's group in a "@group" suffix of its node id, which
+    # pytest-xdist 3.8 writes into item._nodeid: pytest >= 9.2 keeps the id in item._id and
+    # no longer reads that, so no test is grouped (pytest-xdist #1386). Write it here.
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
+            continue
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(item.nodeid + suffix)
+        else:
+            item._nodeid = item.nodeid + suffix
