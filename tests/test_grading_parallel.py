@@ -13,16 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from .test_grading import (
+from .test_grading import (  # noqa: F401 - release is a fixture, shared with test_grading
     ASSIGNMENT,
     NOTEBOOK,
     ROOT,
     copy_course,
     grade,
     hand_in,
+    release,
     run,
     solutions,
     submission,
@@ -31,28 +31,19 @@ from .test_grading import (
 CELL_TIMEOUT = 20
 
 
-def small_class(release):
+def small_class(released):
     good = solutions()
     hang = {**good, "ring": "import time\n\ntime.sleep(1000)\n\n" + good["ring"]}
     crash = {**good, "sgd": "import os\n\n" + good["sgd"].replace(
         "    gradients = [", "    os._exit(1)\n    gradients = [")}
     return {
-        "hang": submission(release, hang),
-        "crash": submission(release, crash),
+        "hang": submission(released, hang),
+        "crash": submission(released, crash),
     }
 
 
 @pytest.fixture(scope="module")
-def release():
-    with tempfile.TemporaryDirectory(prefix="labkit-grading-") as folder:
-        course = copy_course(Path(folder) / "course")
-        result = run(sys.executable, "-m", "nbgrader", "generate_assignment", ASSIGNMENT, cwd=course)
-        assert result.returncode == 0, result.stderr
-        return nbformat.read(course / "release" / ASSIGNMENT / NOTEBOOK, as_version=4)
-
-
-@pytest.fixture(scope="module")
-def both(release):
+def both(release):  # noqa: F811 - the fixture imported above
     """The class graded one at a time and two at a time: {jobs: (result, csv text, rows, seconds)}."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="labkit-grading-") as folder:
