@@ -3,7 +3,6 @@ failed rank's own, whichever launcher started the ranks."""
 
 import os
 import socket
-import subprocess
 
 import pytest
 
@@ -11,17 +10,12 @@ from labkit.cli import main
 from labkit.runs import LOCK_NAME, RunDir, process_identity
 
 from .conftest import PYTHON, run_cli
+from .test_run_endings import _dead_pid
 
 CONFIG = {"sync": "allreduce", "compression": "none", "workers": 2}
 
 
 # --- labkit show ---------------------------------------------------------------------------------
-def _dead_pid():
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
 def _run(path, summary=None, launched_by=None):
     """A run directory as a launcher leaves it: config, lock, each rank's first lines."""
     run = RunDir(path)

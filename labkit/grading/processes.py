@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..runs import process_alive
+
 TOKEN_VARIABLE = "LABKIT_GRADING_TOKEN"
 
 
@@ -64,18 +66,9 @@ def _wait_gone(pids, timeout=10.0):
     deadline = time.monotonic() + timeout
     left = set(pids)
     while left and time.monotonic() < deadline:
-        left = {pid for pid in left if _running(pid)}
+        left = {pid for pid in left if process_alive({"pid": pid})}
         if left:
             time.sleep(0.01)
-
-
-def _running(pid):
-    """Whether ``pid`` exists and is not a zombie (dead, waiting for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _signal(pid, signum):
