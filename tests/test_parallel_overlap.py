@@ -7,11 +7,22 @@ allgather of the packets for the others) and without it (every bucket exchanged 
 backward, blocking, in the same order). The weights must be the same to the last bit, and the
 step record must show the exchanges starting before backward ends with the overlap, and only
 after it without. QSGD is random: each run starts from the same seed.
+
+The same two runs go again under ``mpiexec`` with the MPI backend, whose collectives started
+without waiting run on the communicator's own thread (MPICH would not move them otherwise).
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240
 
 STEPS = 3
 BATCH = 32
@@ -58,8 +69,24 @@ def ranks():
     return [r["overlap"] for r in spawned()]
 
 
-@pytest.mark.parametrize("name", list(COMPRESSORS))
-def test_overlapped_buckets_give_the_blocking_weights_exactly(ranks, name):
+@pytest.fixture(scope="module")
+def mpi_ranks(tmp_path_factory):
+    """The same runs on two ranks under mpiexec with the MPI backend (tests/overlap_rank.py)."""
+    pytest.importorskip("mpi4py")
+    from labkit.comm import mpiexec_path
+
+    if mpiexec_path() is None:
+        pytest.skip("no mpiexec")
+    out = tmp_path_factory.mktemp("overlap-mpi")
+    command = [sys.executable, "-m", "labkit.cli", "launch", "-n", "2", "--launcher", "mpi", "--backend", "mpi",
+               "--timeout", str(TIMEOUT), "--", sys.executable, str(ROOT / "tests" / "overlap_rank.py"), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT + 30, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+
+
+def check_weights(ranks, name):
     for r in ranks:
         assert r[name, True]["buckets"] >= 3
         np.testing.assert_array_equal(r[name, True]["weights"], r[name, False]["weights"])
@@ -76,8 +103,7 @@ def _order(record: list[dict]) -> tuple[int, dict, dict]:
     return kinds.index("backward_end"), starts, events
 
 
-@pytest.mark.parametrize("name", list(COMPRESSORS))
-def test_the_step_record_shows_the_exchanges_starting_during_backward(ranks, name):
+def check_order(ranks, name):
     for r in ranks:
         overlapped, blocking = r[name, True], r[name, False]
         end, starts, events = _order(overlapped["record"])
@@ -91,3 +117,20 @@ def test_the_step_record_shows_the_exchanges_starting_during_backward(ranks, nam
         assert all(e["asynchronous"] for e in events.values()), (name, events)  # left on the wire
         end, starts, _ = _order(blocking["record"])  # the baseline: nothing leaves before backward ends
         assert all(i > end for i in starts.values()), blocking["record"]
+
+
+@pytest.mark.parametrize("name", list(COMPRESSORS))
+def test_overlapped_buckets_give_the_blocking_weights_exactly(ranks, name):
+    check_weights(ranks, name)
+
+
+@pytest.mark.parametrize("name", list(COMPRESSORS))
+def test_the_step_record_shows_the_exchanges_starting_during_backward(ranks, name):
+    check_order(ranks, name)
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_under_mpi_the_buckets_overlap_backward_with_the_blocking_weights(mpi_ranks):
+    for name in COMPRESSORS:
+        check_weights(mpi_ranks, name)
+        check_order(mpi_ranks, name)

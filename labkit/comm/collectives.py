@@ -444,7 +444,12 @@ class HandWrittenAllreduce:
             return self.comm.allreduce(tensor, op)
         return self.algorithm(self.comm, tensor)
 
+    # the hand-written sum runs step by step in the caller's thread: nothing is started behind
+    collectives_in_background = False
+
     def __getattr__(self, name):
+        if name in ("iallreduce", "iallgather"):  # the library's: they would bypass the algorithm
+            raise AttributeError(f"{type(self).__name__} has no {name}: its allreduce blocks")
         return getattr(self.comm, name)
 
 

@@ -3,11 +3,20 @@
 CPU tensors are handed to MPI as NumPy views of their own memory, so nothing is copied.
 MPI calls cannot be cancelled, so every wait is a non-blocking request polled until a
 deadline: a rank stuck on a dead peer raises :class:`PeerError` instead of hanging.
+
+``iallreduce`` / ``iallgather`` start a collective and return at once, so that a bucket's sum
+can travel while backward computes the next bucket (``labkit/compress/communicate.py``).
+MPICH moves a non-blocking collective forward only inside ``Test`` or ``Wait``: started and
+left alone, it would sit still until the caller waits. These collectives therefore run on
+the communicator's one collective thread (mpi4py asks for ``MPI_THREAD_MULTIPLE``), in the
+order they were started, on a duplicate of the communicator made for them, so that their
+messages can never meet the caller's own collectives.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -36,6 +45,56 @@ class MPICommunicator(Communicator):
         MPI = _mpi()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
+        self._behind = None  # (duplicate communicator, its thread), made by the first iallreduce
+        self._behind_lock = threading.Lock()
+
+    # --- collectives started without waiting -------------------------------------------------
+    @property
+    def collectives_in_background(self) -> bool:
+        """Whether a started collective goes on while the caller computes (MPI_THREAD_MULTIPLE)."""
+        MPI = _mpi()
+        return self.size > 1 and MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
+    def _background(self):
+        """The duplicate communicator and the one thread that run started collectives.
+
+        The first call is collective (``Dup``): every rank makes it at the same point, the
+        first ``iallreduce`` or ``iallgather``."""
+        with self._behind_lock:
+            if self._behind is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                twin = MPICommunicator(self.comm.Dup(), self.timeout)
+                twin.lost = self.lost  # a death this rank learns of fails the started ones too
+                self._behind = twin, ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-mpi-collectives")
+            return self._behind
+
+    def _start(self, op: str, run, nbytes: int, messages: int, result):
+        """Run ``run(twin)`` on the collective thread; a handle whose ``wait()`` gives ``result``."""
+        if not self.collectives_in_background:  # one rank, or no MPI_THREAD_MULTIPLE: at once
+            t0 = time.perf_counter()
+            run(self)
+            self.stats.add(op, nbytes, messages, seconds=time.perf_counter() - t0)
+            return _Started(None, self, op, result)
+        twin, thread = self._background()
+        self.stats.add(op, nbytes, messages)
+        return _Started(thread.submit(run, twin), self, op, result)
+
+    def iallreduce(self, tensor: torch.Tensor, op: str = "sum"):
+        """Start summing ``tensor`` in place; ``wait()`` returns it. Leave it alone until then."""
+        self._check_cpu(tensor)
+        n = self.size
+        return self._start("allreduce", lambda comm: comm._allreduce(tensor, op),
+                           2 * (n - 1) * tensor.numel() * tensor.element_size() // n, 2 * (n - 1), tensor)
+
+    def iallgather(self, tensor: torch.Tensor):
+        """Start gathering ``tensor`` from every rank; ``wait()`` returns the list in rank order."""
+        tensor = tensor.contiguous()
+        self._check_cpu(tensor)
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype)
+        return self._start("allgather", lambda comm: comm._allgather_into(tensor, out),
+                           (self.size - 1) * tensor.numel() * tensor.element_size(), self.size - 1,
+                           list(out.unbind(0)))
 
     def _wait(self, request, op: str, peer: int | None = ALL):
         """Poll ``request`` until done; PeerError after ``timeout`` seconds.
@@ -129,8 +188,11 @@ class MPICommunicator(Communicator):
     def _allgather(self, tensor):
         self._check_cpu(tensor)
         out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype)
-        self._wait(self.comm.Iallgather(_as_bytes(tensor), _as_bytes(out)), "allgather")
+        self._allgather_into(tensor, out)
         return list(out.unbind(0))
+
+    def _allgather_into(self, tensor, out):
+        self._wait(self.comm.Iallgather(_as_bytes(tensor), _as_bytes(out)), "allgather")
 
     def _barrier(self):
         self._wait(self.comm.Ibarrier(), "barrier")
@@ -145,9 +207,31 @@ class MPICommunicator(Communicator):
 
     def close(self):
         MPI = _mpi()
+        if self._behind is not None:
+            twin, thread = self._behind
+            thread.shutdown(wait=True)
+            twin.close()
+            self._behind = None
         if self.comm not in (MPI.COMM_WORLD, MPI.COMM_SELF) and self.comm != MPI.COMM_NULL:
             self.comm.Free()
             self.comm = MPI.COMM_NULL
+
+
+class _Started:
+    """A collective started by ``iallreduce`` / ``iallgather``: ``wait()`` returns its result
+    (PeerError as the blocking call would raise it) and counts the time waited."""
+
+    def __init__(self, future, comm: MPICommunicator, op: str, result):
+        self.future, self.comm, self.op, self.result = future, comm, op, result
+        self.asynchronous = future is not None
+
+    def wait(self):
+        if self.future is not None:
+            t0 = time.perf_counter()
+            self.future.result()  # the collective thread's own deadline bounds the wait
+            self.comm.stats.add_time(time.perf_counter() - t0)
+            self.future = None
+        return self.result
 
 
 def abort(code: int = 1) -> None:

@@ -174,11 +174,18 @@ def _torch_async(comm, tensor: torch.Tensor) -> bool:
     return isinstance(comm, _TORCH_COMMUNICATOR[0]) and tensor.device.type == comm.device.type
 
 
+def _overlaps(comm, tensor: torch.Tensor) -> bool:
+    """Whether a collective started on ``comm`` goes on while the caller computes: torch's
+    asynchronous requests, or MPI's collective thread (``labkit/comm/mpi.py``)."""
+    return _torch_async(comm, tensor) or bool(getattr(comm, "collectives_in_background", False))
+
+
 def start_allreduce(comm, tensor: torch.Tensor, asynchronous: bool = True):
     """Start summing ``tensor`` over ``comm`` in place; returns a handle with ``wait()`` and
-    ``asynchronous``. torch.distributed's ``async_op=True`` on a gloo or NCCL communicator;
-    on another backend (MPI, a hand-written allreduce), or with ``asynchronous=False``, the
-    communicator's blocking allreduce runs at once."""
+    ``asynchronous``. torch.distributed's ``async_op=True`` on a gloo or NCCL communicator,
+    the communicator's own ``iallreduce`` where it has one (MPI: on its collective thread);
+    with a hand-written allreduce, or with ``asynchronous=False``, the communicator's blocking
+    allreduce runs at once."""
     if comm.size == 1:
         return _Done(tensor)
     if asynchronous and hasattr(comm, "iallreduce"):
@@ -306,10 +313,10 @@ class CompressedCommunicator:
         computes Q), runs that protocol, blocking call after blocking call, on this
         communicator's one background thread, in the order the sums were started (so every rank
         issues the same collectives in the same order); where the communicator has no
-        asynchronous collectives (MPI, a hand-written allreduce) it runs it now."""
+        asynchronous collectives (a hand-written allreduce) it runs it now."""
         if type(self.compressor).allreduce is Compressor.allreduce:
             pending = start_allreduce_packets(self.comm, self.compressor, tensor, key)
-        elif _torch_async(self.comm, tensor) and self.comm.size > 1:
+        elif _overlaps(self.comm, tensor) and self.comm.size > 1:
             future = self._rounds().submit(self.compressor.allreduce, self.comm, tensor, key)
             pending = PendingSum(future.result, True)
         else:

@@ -12,7 +12,8 @@ layers. ``sync_gradients`` then only waits for what is still on the wire. (Li et
 
 The allreduce is started without waiting through ``start_allreduce``
 (``labkit/compress/communicate.py``): torch.distributed's ``async_op=True`` on a
-torch.distributed communicator; on another backend it runs at once (still one message per
+torch.distributed communicator, the MPI communicator's collective thread under ``--backend mpi``;
+with a hand-written allreduce (``--allreduce-algorithm``) it runs at once (still one message per
 bucket, only without the overlap).
 
 With a compressor (``--compression``), a complete bucket goes through the compressing
