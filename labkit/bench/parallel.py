@@ -1,7 +1,8 @@
 """``labkit bench parallel``: every parallelism on one model and one global batch.
 
 For data parallelism (naive, flat, bucketed, and torch DDP timed beside them in the same
-run), model, pipeline (GPipe and 1F1B), tensor and, with 4 or more ranks, hybrid grids:
+run; bucketed again with each compressor of ``--compression``, its buckets compressed in their
+backward hooks and their exchanges overlapping backward), model, pipeline (GPipe and 1F1B), tensor and, with 4 or more ranks, hybrid grids:
 the median step time (and the CPU time of each rank's main thread), the bubble (measured: the idle share of the step, averaged over the
 ranks; and the formula (p−1)/(m+p−1)), the bytes each rank sends per step and the bytes
 of parameters each rank holds. Then the Knights Landing core groups: one epoch of digits
@@ -19,12 +20,17 @@ import time
 import torch
 
 
-def _cases(world: int, microbatches: int) -> dict:
+DEFAULT_COMPRESSION = "fp16,topk"
+
+
+def _cases(world: int, microbatches: int, compression: tuple = ()) -> dict:
     out = {
         "data naive": dict(kind="data", data_parallel="naive"),
         "data flat": dict(kind="data", data_parallel="flat"),
         "data bucketed": dict(kind="data", data_parallel="bucketed", bucket_mb=1.0),
         "torch DDP": None,
+        **{f"data bucketed {name}": dict(kind="data", data_parallel="bucketed", bucket_mb=1.0, compression=name)
+           for name in compression},
         "model": dict(kind="model"),
         "pipeline gpipe": dict(kind="pipeline", microbatches=microbatches, schedule="gpipe"),
         "pipeline 1f1b": dict(kind="pipeline", microbatches=microbatches, schedule="1f1b"),
@@ -65,7 +71,7 @@ def _ddp_case(comm, model, batch: int, bucket_mb: float):
     return step, row
 
 
-def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -> dict:
+def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int, compression: tuple = ()) -> dict:
     """Run on every rank (through ``spawn.run_ranks``): each case in turn, the same batches.
 
     Bucketed data parallelism and torch DDP are timed side by side: their steps alternate
@@ -73,6 +79,7 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -
     Beside the wall time of a step, the CPU time of the rank's main thread (``thread_time``):
     the work each does itself, which other processes on the machine do not stretch.
     """
+    from ..compress import make_compressor
     from ..parallel.build import ParallelModel
     from ..parallel.reference import make_mlp
 
@@ -81,7 +88,7 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -
     ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
     warmup = min(3, steps - 1)
     results = {}
-    cases = _cases(comm.size, microbatches)
+    cases = _cases(comm.size, microbatches, compression)
     side_by_side = ("data bucketed", "torch DDP")
     for name in cases:
         if name == "torch DDP":
@@ -93,7 +100,11 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int) -
                 step, row = _ddp_case(comm, model, batch, cases["data bucketed"]["bucket_mb"])
                 runs[who] = (step, None, row)
             else:
-                parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **cases[who])
+                settings = dict(cases[who])
+                name_of = settings.pop("compression", None)
+                if name_of:  # a compressor of its own: its error feedback is this case's
+                    settings["compressor"] = make_compressor(name_of)
+                parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **settings)
                 runs[who] = (_parallel_step(parallel), parallel, None)
         times = {who: [] for who in runs}
         cpu = {who: [] for who in runs}
@@ -186,10 +197,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hidden", type=int, default=512, help="width of the MLP's 3 hidden layers")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--core-groups", type=int, default=4, help="up to this many core groups (0: skip)")
+    parser.add_argument("--compression", default=DEFAULT_COMPRESSION, metavar="NAME,...",
+                        help=f"compressors timed under bucketed data parallelism, each a row of its own "
+                             f"(default {DEFAULT_COMPRESSION}; '' for none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from ..compress import available_compressors
+
+    compression = tuple(name.strip() for name in args.compression.split(",") if name.strip())
+    unknown = [name for name in compression if name not in available_compressors() or name == "none"]
+    if unknown:
+        print(f"labkit: error: bench parallel: --compression {unknown[0]!r} is not a compressor; choose from "
+              f"{', '.join(n for n in available_compressors() if n != 'none')}")
+        return 2
     if args.workers < 2:
         print("labkit: error: bench parallel: -n must be at least 2")
+        return 2
+    if args.batch < 1 or args.hidden < 1 or args.microbatches < 1 or args.core_groups < 0:
+        print("labkit: error: bench parallel: --batch, --hidden and --microbatches must be at least 1, --core-groups at least 0")
         return 2
     if args.batch % (args.workers * args.microbatches):
         print(f"labkit: error: bench parallel: --batch {args.batch} must be divisible by "
@@ -202,7 +227,7 @@ def main(argv: list[str]) -> int:
 
     hidden = (args.hidden,) * 3
     per_rank = run_ranks(bench_rank, args.workers, args.steps, args.batch, hidden, args.microbatches,
-                         timeout=600)
+                         compression, timeout=600)
     rows = combine(per_rank)
     groups = core_group_table(args.core_groups, 1) if args.core_groups else []
     ddp = next(r for r in rows if r["parallelism"] == "torch DDP")
@@ -210,7 +235,10 @@ def main(argv: list[str]) -> int:
     out = {"workers": args.workers, "batch": args.batch, "model": f"mlp {hidden}", "steps": args.steps,
            "microbatches": args.microbatches, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
            "rows": rows, "bucketed_over_ddp": bucketed["step_ms"] / ddp["step_ms"],
-           "bucketed_over_ddp_cpu": bucketed["cpu_ms"] / ddp["cpu_ms"], "core_groups": groups}
+           "bucketed_over_ddp_cpu": bucketed["cpu_ms"] / ddp["cpu_ms"], "core_groups": groups,
+           # bytes each compressed row sends per step, over the uncompressed buckets'
+           "compressed_bytes_ratio": {name: next(r for r in rows if r["parallelism"] == f"data bucketed {name}")
+                                      ["bytes_per_step_max"] / bucketed["bytes_per_step_max"] for name in compression}}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -226,6 +254,9 @@ def main(argv: list[str]) -> int:
               f"{_fmt(r['bubble_model'], 13)} {r['bytes_per_step_max'] / 2**20:13.2f} {params:>14}")
     print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x (timed side by side, steps "
           f"alternating); main-thread CPU time: {out['bucketed_over_ddp_cpu']:.2f}x")
+    if compression:
+        print("bytes sent per step, compressed over uncompressed buckets: " + ", ".join(
+            f"{name} {ratio:.3f}" for name, ratio in out["compressed_bytes_ratio"].items()))
     if groups:
         print("\ncore groups (Knights Landing divide and conquer), one epoch of digits:")
         print(f"{'groups':>6} {'cores each':>12} {'epoch s':>8}")
