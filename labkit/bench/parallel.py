@@ -19,7 +19,6 @@ import time
 
 import torch
 
-
 DEFAULT_COMPRESSION = "fp16,topk"
 
 
@@ -79,10 +78,6 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int, c
     Beside the wall time of a step, the CPU time of the rank's main thread (``thread_time``):
     the work each does itself, which other processes on the machine do not stretch.
     """
-    from ..compress import make_compressor
-    from ..parallel.build import ParallelModel
-    from ..parallel.reference import make_mlp
-
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, 1, 8, 8, generator=g) for _ in range(steps)]
     ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
@@ -93,19 +88,9 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int, c
     for name in cases:
         if name == "torch DDP":
             continue  # timed with data bucketed
-        runs = {}  # name -> (step, parallel model or None, row)
-        for who in (side_by_side if name == "data bucketed" else (name,)):
-            model = make_mlp(hidden=hidden)
-            if who == "torch DDP":
-                step, row = _ddp_case(comm, model, batch, cases["data bucketed"]["bucket_mb"])
-                runs[who] = (step, None, row)
-            else:
-                settings = dict(cases[who])
-                name_of = settings.pop("compression", None)
-                if name_of:  # a compressor of its own: its error feedback is this case's
-                    settings["compressor"] = make_compressor(name_of)
-                parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **settings)
-                runs[who] = (_parallel_step(parallel), parallel, None)
+        # name -> (step, parallel model or None, row)
+        runs = {who: _build(comm, cases, who, batch, hidden)
+                for who in (side_by_side if name == "data bucketed" else (name,))}
         times = {who: [] for who in runs}
         cpu = {who: [] for who in runs}
         bubbles, sent = {who: [] for who in runs}, dict.fromkeys(runs, 0)
@@ -138,6 +123,24 @@ def bench_rank(comm, steps: int, batch: int, hidden: tuple, microbatches: int, c
                             "bubble_model": stats.get("bubble_fraction_model"),
                             "stashed_peak": stats.get("stashed_peak"), "note": ""}
     return {name: results[name] for name in cases}
+
+
+def _build(comm, cases: dict, who: str, batch: int, hidden: tuple) -> tuple:
+    """(step function, parallel model or None, fixed row or None) of case ``who``."""
+    from ..compress import make_compressor
+    from ..parallel.build import ParallelModel
+    from ..parallel.reference import make_mlp
+
+    model = make_mlp(hidden=hidden)
+    if who == "torch DDP":
+        step, row = _ddp_case(comm, model, batch, cases["data bucketed"]["bucket_mb"])
+        return step, None, row
+    settings = dict(cases[who])
+    compression = settings.pop("compression", None)
+    if compression:  # a compressor of its own: its error feedback is this case's
+        settings["compressor"] = make_compressor(compression)
+    parallel = ParallelModel(model=model, comm=comm, input_shape=(1, 8, 8), **settings)
+    return _parallel_step(parallel), parallel, None
 
 
 def _parallel_step(parallel):
@@ -189,6 +192,50 @@ def _fmt(value, width: int) -> str:
     return format("-" if value is None else format(value, ".2f"), f">{width}")
 
 
+def _problem(args) -> str | None:
+    """What is wrong with the options, in one line, or None."""
+    from ..compress import available_compressors
+
+    unknown = [name for name in args.compression if name not in available_compressors() or name == "none"]
+    if unknown:
+        return (f"--compression {unknown[0]!r} is not a compressor; choose from "
+                f"{', '.join(n for n in available_compressors() if n != 'none')}")
+    if args.workers < 2:
+        return "-n must be at least 2"
+    if args.batch < 1 or args.hidden < 1 or args.microbatches < 1 or args.core_groups < 0:
+        return "--batch, --hidden and --microbatches must be at least 1, --core-groups at least 0"
+    if args.batch % (args.workers * args.microbatches):
+        return (f"--batch {args.batch} must be divisible by workers x microbatches = "
+                f"{args.workers * args.microbatches}")
+    if args.steps < 4:
+        return "--steps must be at least 4"
+    return None
+
+
+def _print(out: dict) -> None:
+    hidden, rows, groups = out["hidden"], out["rows"], out["core_groups"]
+    print(f"{out['workers']} ranks, global batch {out['batch']}, MLP 64-{'-'.join(map(str, hidden))}-10, "
+          f"{out['microbatches']} micro-batches, median of {out['steps'] - 3} steps (load average {out['load_average']:.1f})")
+    print(f"{'parallelism':<24} {'grid DxPxT':>10} {'step ms':>8} {'cpu ms':>7} {'bubble':>7} {'(p-1)/(m+p-1)':>13} "
+          f"{'MiB sent/step':>13} {'param MiB/rank':>14}")
+    for r in rows:
+        params = f"{r['param_bytes_max'] / 2**20:.2f}"
+        if r["param_bytes_min"] != r["param_bytes_max"]:
+            params = f"{r['param_bytes_min'] / 2**20:.2f}-{params}"
+        print(f"{r['parallelism']:<24} {r['grid']:>10} {r['step_ms']:8.1f} {r['cpu_ms']:7.1f} {_fmt(r['bubble'], 7)} "
+              f"{_fmt(r['bubble_model'], 13)} {r['bytes_per_step_max'] / 2**20:13.2f} {params:>14}")
+    print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x (timed side by side, steps "
+          f"alternating); main-thread CPU time: {out['bucketed_over_ddp_cpu']:.2f}x")
+    if out["compressed_bytes_ratio"]:
+        print("bytes sent per step, compressed over uncompressed buckets: " + ", ".join(
+            f"{name} {ratio:.3f}" for name, ratio in out["compressed_bytes_ratio"].items()))
+    if groups:
+        print("\ncore groups (Knights Landing divide and conquer), one epoch of digits:")
+        print(f"{'groups':>6} {'cores each':>12} {'epoch s':>8}")
+        for g in groups:
+            print(f"{g['groups']:>6} {str(g['cores_per_group']):>12} {g['epoch_s']:8.2f}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="labkit bench parallel", description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--workers", type=int, default=2, help="ranks (default 2)")
@@ -202,64 +249,29 @@ def main(argv: list[str]) -> int:
                              f"(default {DEFAULT_COMPRESSION}; '' for none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from ..compress import available_compressors
-
-    compression = tuple(name.strip() for name in args.compression.split(",") if name.strip())
-    unknown = [name for name in compression if name not in available_compressors() or name == "none"]
-    if unknown:
-        print(f"labkit: error: bench parallel: --compression {unknown[0]!r} is not a compressor; choose from "
-              f"{', '.join(n for n in available_compressors() if n != 'none')}")
-        return 2
-    if args.workers < 2:
-        print("labkit: error: bench parallel: -n must be at least 2")
-        return 2
-    if args.batch < 1 or args.hidden < 1 or args.microbatches < 1 or args.core_groups < 0:
-        print("labkit: error: bench parallel: --batch, --hidden and --microbatches must be at least 1, --core-groups at least 0")
-        return 2
-    if args.batch % (args.workers * args.microbatches):
-        print(f"labkit: error: bench parallel: --batch {args.batch} must be divisible by "
-              f"workers x microbatches = {args.workers * args.microbatches}")
-        return 2
-    if args.steps < 4:
-        print("labkit: error: bench parallel: --steps must be at least 4")
+    args.compression = tuple(name.strip() for name in args.compression.split(",") if name.strip())
+    problem = _problem(args)
+    if problem:
+        print(f"labkit: error: bench parallel: {problem}")
         return 2
     from ..parallel.spawn import run_ranks
 
     hidden = (args.hidden,) * 3
     per_rank = run_ranks(bench_rank, args.workers, args.steps, args.batch, hidden, args.microbatches,
-                         compression, timeout=600)
+                         args.compression, timeout=600)
     rows = combine(per_rank)
     groups = core_group_table(args.core_groups, 1) if args.core_groups else []
     ddp = next(r for r in rows if r["parallelism"] == "torch DDP")
     bucketed = next(r for r in rows if r["parallelism"] == "data bucketed")
-    out = {"workers": args.workers, "batch": args.batch, "model": f"mlp {hidden}", "steps": args.steps,
+    out = {"workers": args.workers, "batch": args.batch, "model": f"mlp {hidden}", "hidden": hidden, "steps": args.steps,
            "microbatches": args.microbatches, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
            "rows": rows, "bucketed_over_ddp": bucketed["step_ms"] / ddp["step_ms"],
            "bucketed_over_ddp_cpu": bucketed["cpu_ms"] / ddp["cpu_ms"], "core_groups": groups,
            # bytes each compressed row sends per step, over the uncompressed buckets'
            "compressed_bytes_ratio": {name: next(r for r in rows if r["parallelism"] == f"data bucketed {name}")
-                                      ["bytes_per_step_max"] / bucketed["bytes_per_step_max"] for name in compression}}
+                                      ["bytes_per_step_max"] / bucketed["bytes_per_step_max"] for name in args.compression}}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.workers} ranks, global batch {args.batch}, MLP 64-{'-'.join(map(str, hidden))}-10, "
-          f"{args.microbatches} micro-batches, median of {args.steps - 3} steps (load average {out['load_average']:.1f})")
-    print(f"{'parallelism':<24} {'grid DxPxT':>10} {'step ms':>8} {'cpu ms':>7} {'bubble':>7} {'(p-1)/(m+p-1)':>13} "
-          f"{'MiB sent/step':>13} {'param MiB/rank':>14}")
-    for r in rows:
-        params = f"{r['param_bytes_max'] / 2**20:.2f}"
-        if r["param_bytes_min"] != r["param_bytes_max"]:
-            params = f"{r['param_bytes_min'] / 2**20:.2f}-{params}"
-        print(f"{r['parallelism']:<24} {r['grid']:>10} {r['step_ms']:8.1f} {r['cpu_ms']:7.1f} {_fmt(r['bubble'], 7)} "
-              f"{_fmt(r['bubble_model'], 13)} {r['bytes_per_step_max'] / 2**20:13.2f} {params:>14}")
-    print(f"data bucketed / torch DDP step time: {out['bucketed_over_ddp']:.2f}x (timed side by side, steps "
-          f"alternating); main-thread CPU time: {out['bucketed_over_ddp_cpu']:.2f}x")
-    if compression:
-        print("bytes sent per step, compressed over uncompressed buckets: " + ", ".join(
-            f"{name} {ratio:.3f}" for name, ratio in out["compressed_bytes_ratio"].items()))
-    if groups:
-        print("\ncore groups (Knights Landing divide and conquer), one epoch of digits:")
-        print(f"{'groups':>6} {'cores each':>12} {'epoch s':>8}")
-        for g in groups:
-            print(f"{g['groups']:>6} {str(g['cores_per_group']):>12} {g['epoch_s']:8.2f}")
+    _print(out)
     return 0
