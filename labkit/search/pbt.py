@@ -19,8 +19,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import SearchError, SearchRun, check_new_run_dir, check_number
-from .runs import SPACE, check_space, clip, config_for, run_members, sample, score
+from .common import SearchRun, check_new_run_dir, check_number
+from .runs import (
+    SPACE,
+    base_config,
+    check_space,
+    clip,
+    config_for,
+    run_members,
+    sample,
+    score,
+    space_names,
+)
 
 
 def exploit_explore(scores: list[float], hparams: list[dict], rng: random.Random, fraction: float = 0.2,
@@ -99,22 +109,13 @@ class PbtConfig:
         return self
 
     def space_list(self) -> list[str]:
-        return [n.strip() for n in str(self.space).split(",") if n.strip()]
+        return space_names(self.space)
 
     def base_config(self, run_dir: Path, member: int = 0):
-        from ..config import ConfigError, RunConfig
-
-        try:
-            base = RunConfig(model=self.model, dataset=self.dataset, workers=self.workers, launcher=self.launcher,
-                             steps=self.steps_per_generation, eval_every=self.steps_per_generation,
-                             checkpoint_every=self.steps_per_generation, seed=self.seed + member,
-                             log_every=max(1, self.steps_per_generation // 4))
-            # the largest batch the space allows must fit each rank's share
-            big = {"batch_size": SPACE["batch_size"][1]} if "batch_size" in self.space_list() else {}
-            base.replace(**big).validate()
-        except ConfigError as e:
-            raise SearchError(e.option, str(e).split(": ", 1)[1]) from None
-        return base.replace(run_dir=str(run_dir))
+        steps = self.steps_per_generation
+        return base_config(self.space_list(), run_dir, model=self.model, dataset=self.dataset, workers=self.workers,
+                           launcher=self.launcher, steps=steps, eval_every=steps, checkpoint_every=steps,
+                           seed=self.seed + member, log_every=max(1, steps // 4))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,8 +15,17 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import SearchError, SearchRun, check_new_run_dir, check_number
-from .runs import SPACE, check_space, config_for, from_unit, run_members, score
+from .common import SearchRun, check_new_run_dir, check_number
+from .runs import (
+    SPACE,
+    base_config,
+    check_space,
+    config_for,
+    from_unit,
+    run_members,
+    score,
+    space_names,
+)
 
 
 def pso_step(x, v, own_best, swarm_best, rng: random.Random, inertia=0.5, c1=1.5, c2=1.5):
@@ -54,20 +63,12 @@ class PsoConfig:
         return self
 
     def space_list(self) -> list[str]:
-        return [n.strip() for n in str(self.space).split(",") if n.strip()]
+        return space_names(self.space)
 
     def base_config(self, run_dir):
-        from ..config import ConfigError, RunConfig
-
-        try:
-            base = RunConfig(model=self.model, dataset=self.dataset, launcher=self.launcher, steps=self.steps,
-                             eval_every=self.steps, checkpoint_every=0, log_every=max(1, self.steps // 4),
-                             seed=self.seed)
-            big = {"batch_size": SPACE["batch_size"][1]} if "batch_size" in self.space_list() else {}
-            base.replace(**big).validate()
-        except ConfigError as e:
-            raise SearchError(e.option, str(e).split(": ", 1)[1]) from None
-        return base.replace(run_dir=str(run_dir))
+        return base_config(self.space_list(), run_dir, model=self.model, dataset=self.dataset, launcher=self.launcher,
+                           steps=self.steps, eval_every=self.steps, checkpoint_every=0,
+                           log_every=max(1, self.steps // 4), seed=self.seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,6 +24,26 @@ def check_space(names: list[str]) -> None:
                                      f"choose from {', '.join(SPACE)}")
 
 
+def space_names(space: str) -> list[str]:
+    """The hyperparameters of ``--space``, a comma-separated list."""
+    return [n.strip() for n in str(space).split(",") if n.strip()]
+
+
+def base_config(space: list[str], run_dir, **settings):
+    """The RunConfig every member starts from, checked with the largest batch the space allows
+    (each rank's share must fit it); a bad setting is a SearchError naming its option."""
+    from ..config import ConfigError, RunConfig
+    from .common import SearchError
+
+    try:
+        base = RunConfig(**settings)
+        big = {"batch_size": SPACE["batch_size"][1]} if "batch_size" in space else {}
+        base.replace(**big).validate()
+    except ConfigError as e:
+        raise SearchError(e.option, str(e).split(": ", 1)[1]) from None
+    return base.replace(run_dir=str(run_dir))
+
+
 def sample(space: list[str], rng: random.Random) -> dict:
     return {name: from_unit(name, rng.random()) for name in space}
 
