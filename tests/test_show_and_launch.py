@@ -86,7 +86,7 @@ rank = int(os.environ.get("RANK") or os.environ.get("PMI_RANK") or os.environ.ge
 if rank == 1:
     time.sleep(0.5)
     {how}
-time.sleep(3)  # still running when rank 1 fails: local and torchrun end it; mpiexec waits for it
+time.sleep(40)  # still running when rank 1 fails: every launcher ends it (else --timeout 30 would)
 """
 
 
@@ -117,3 +117,15 @@ def test_torchrun_root_cause_is_the_first_failure(tmp_path):
     log.write_text("exitcode: 3\nno summary: torchrun itself failed\n")
     assert torchrun_root_cause(str(log)) is None
     assert torchrun_root_cause(str(tmp_path / "missing.log")) is None
+
+
+def test_the_first_recorded_failure_wins_and_damaged_records_are_skipped(tmp_path):
+    from labkit.launch.guard import first_failure
+
+    assert first_failure(str(tmp_path / "missing")) is None
+    assert first_failure(str(tmp_path)) is None
+    (tmp_path / "rank-2").write_text("-15 1700000002.5\n")  # ended by the cleanup, later
+    (tmp_path / "rank-1").write_text("7 1700000001.25\n")  # the one that failed
+    (tmp_path / "rank-3").write_text("garbage")
+    (tmp_path / "rank-0.tmp").write_text("9 1600000000.0\n")  # never completed
+    assert first_failure(str(tmp_path)) == 7

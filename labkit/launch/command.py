@@ -11,7 +11,8 @@ import tempfile
 import threading
 import time
 
-from .base import free_port, kill_group, share_cores, spawn
+from .base import GUARD, free_port, kill_group, share_cores, spawn
+from .guard import first_failure
 
 DEFAULT_TIMEOUT_S = 3600.0  # a rank that never ends is ended after an hour unless told otherwise
 
@@ -27,11 +28,12 @@ def check_timeout(value) -> float:
     return seconds
 
 
-def _command_for(launcher: str, n: int, command: list[str]) -> list[list[str]] | list[str]:
+def _command_for(launcher: str, n: int, command: list[str], status_dir: str = "") -> list[list[str]] | list[str]:
     from ..comm import mpiexec_path
 
-    if launcher == "mpi":
-        return [mpiexec_path() or "mpiexec", "-n", str(n), *command]
+    if launcher == "mpi":  # each rank behind a guard that makes mpiexec end the job when it fails
+        return [mpiexec_path() or "mpiexec", "-n", str(n), sys.executable, GUARD, "--status", status_dir, "--",
+                *command]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                 "--no-python", *command]
@@ -75,7 +77,9 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
                                    os.path.join(logdir, f"rank-{r}.log")))
             logs = [os.path.join(logdir, f"rank-{r}.log") for r in range(n)]
         else:
-            procs.append(spawn(_command_for(launcher, n, command), env, os.path.join(logdir, "launcher.log")))
+            os.mkdir(os.path.join(logdir, "status"))
+            procs.append(spawn(_command_for(launcher, n, command, os.path.join(logdir, "status")), env,
+                               os.path.join(logdir, "launcher.log")))
             logs = [os.path.join(logdir, "launcher.log")]
     except OSError as e:  # a missing or non-executable command
         for p in procs:
@@ -116,8 +120,12 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
             t.join(2)
     if launcher == "torchrun" and code not in (0, 124, 130):
         code = torchrun_root_cause(logs[0]) or code  # torchrun itself exits 1 whatever the rank's status
-    elif launcher == "mpi" and code > 0 and mpiexec_signal(logs[0]) == code:
-        code = -code  # MPICH's mpiexec exits N for a rank killed by signal N
+    elif launcher == "mpi" and code not in (0, 124, 130):
+        first = first_failure(os.path.join(logdir, "status"))  # the guards' records
+        if first is not None:
+            code = first
+        elif code > 0 and mpiexec_signal(logs[0]) == code:
+            code = -code  # MPICH's mpiexec exits N for a rank killed by signal N
     if code < 0:  # killed by a signal: the shell's way of saying so
         print(f"labkit: launch: a rank failed (killed by signal {-code}, status {128 - code}); the others "
               "were ended", file=sys.stderr)

@@ -1,6 +1,7 @@
 """A rank's guard: runs one rank as a child process and reports how it ended.
 
     python labkit/launch/guard.py RUN_DIR
+    python labkit/launch/guard.py --status DIR -- COMMAND...
 
 mpiexec, torchrun and srun end every rank of a job as soon as one dies, all within a
 fraction of a second, so from the outside it is hard to tell which rank died first. The
@@ -8,6 +9,13 @@ guard sits between the launcher and the rank: it sees its own child die first, w
 ``rank_died`` event to the run's metrics at once, and only then exits, so the launcher
 (and its killing of the others) comes after the report. The child is killed with the
 guard (PR_SET_PDEATHSIG) and SIGTERM, SIGINT and SIGUSR1 are passed on to it.
+
+The second form guards a rank of ``labkit launch --launcher mpi -- COMMAND``. MPICH's mpiexec
+ends the other ranks when one dies abnormally (a signal), but after a plain ``exit(7)`` it
+waits for them, and ranks blocked on the one that left would wait until ``--timeout``. So
+when its child fails, this guard writes the child's status and the time to ``DIR/rank-K``
+and then dies by a signal itself (the child's, or SIGKILL for an exit status), which makes
+mpiexec end the job; ``labkit launch`` reads back the status of the first rank that failed.
 
 This file is run by path and imports only the standard library, so that it starts in
 milliseconds and never loads torch.
@@ -67,7 +75,54 @@ def main(run_dir: str) -> int:
     return code if code >= 0 else 128 - code
 
 
+def guard_command(status_dir: str, command: list) -> int:
+    """Run ``command``; if it fails, record how in ``status_dir`` and die by a signal."""
+    try:
+        child = subprocess.Popen(command, close_fds=False,
+                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    except OSError as e:
+        print(f"labkit: launch: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
+        code = 126 if isinstance(e, PermissionError) else 127
+    else:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, lambda s, f: child.send_signal(s))
+        code = child.wait()
+    if code == 0:
+        return 0
+    path = os.path.join(status_dir, f"rank-{env_rank()}")
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{code} {time.time():.6f}\n")
+    os.replace(path + ".tmp", path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sig = -code if code < 0 else signal.SIGKILL
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    return 128 + int(sig)  # not reached for a deadly signal
+
+
+def first_failure(status_dir: str) -> int | None:
+    """The status of the rank that failed first, as ``guard_command`` recorded it (-N: killed
+    by signal N), or None when no rank recorded a failure."""
+    found = []
+    try:
+        names = [n for n in os.listdir(status_dir) if n.startswith("rank-") and not n.endswith(".tmp")]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(status_dir, name)) as f:
+                code, when = f.read().split()
+            found.append((float(when), int(code)))
+        except (OSError, ValueError):
+            continue
+    return min(found)[1] if found else None
+
+
 if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "--status" and sys.argv[3] == "--":
+        sys.exit(guard_command(sys.argv[2], sys.argv[4:]))
     if len(sys.argv) != 2:
-        sys.exit("usage: python labkit/launch/guard.py RUN_DIR")
+        sys.exit("usage: python labkit/launch/guard.py RUN_DIR | --status DIR -- COMMAND...")
     sys.exit(main(sys.argv[1]))
