@@ -98,6 +98,21 @@ def slurm_cluster():
 # The tests that start or use the machine's one SLURM cluster, or create local user accounts,
 # share state outside their tmp_path: they all run in one worker, one after another.
 MACHINE_WIDE = ("test_hub.py", "test_exchange.py", "test_slurm_queue.py")
+# Modules whose tests share what another module builds (``spawned()`` of test_parallel_compress).
+SHARES_WITH = {"test_parallel_overlap.py": "test_parallel_compress"}
+
+
+def _module_group(item) -> str | None:
+    """The tests of a module that share a module-scoped fixture (a class graded once, ranks
+    started once) run in one worker, so that the fixture is built once, not once per worker."""
+    if item.path.name in SHARES_WITH:
+        return SHARES_WITH[item.path.name]
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        defs = info.name2fixturedefs.get(name) if info else None
+        if defs and defs[-1].scope == "module":
+            return item.path.stem
+    return None
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook (see below)
@@ -106,6 +121,8 @@ def pytest_collection_modifyitems(config, items):
         if (item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ())
                 or "slurm" in item.nodeid.split("::")[-1] or item.path.name in MACHINE_WIDE):
             item.add_marker(pytest.mark.xdist_group("machine"))
+        elif not item.get_closest_marker("xdist_group") and _module_group(item):
+            item.add_marker(pytest.mark.xdist_group(_module_group(item)))
     # --dist loadgroup finds a test's group in a "@group" suffix of its node id, which
     # pytest-xdist 3.8 writes into item._nodeid: pytest >= 9.2 keeps the id in item._id and
     # no longer reads that, so no test is grouped (pytest-xdist #1386). Write it here.
