@@ -18,8 +18,9 @@ to ``batchspawner.SlurmSpawner``:
   the queue that would start a server nobody waits for.
 - **Stopping a server ends all of it**: ``stop`` cancels the job and waits (``stop_wait``)
   until SLURM has ended it, following it with ``scontrol`` as the hub (no command runs as
-  the student once the job is cancelled). The job's batch script ends, on its way out,
-  every process that still carries the job's id (``SLURM_JOB_ID``): a kernel whose server
+  the student once the job is cancelled). The job's batch script ends, as soon as SLURM's
+  SIGTERM reaches it (the server runs in the background, so the trap runs at once) and again
+  on its way out, every process that still carries the job's id (``SLURM_JOB_ID``): a kernel whose server
   died first, anything started in a new session, a process still dying from SLURM's
   SIGKILL. Under ``proctrack/linuxproc`` (the local cluster, containers) SLURM finds a
   job's processes through their parents only and does not wait for them to exit, so such
@@ -74,7 +75,6 @@ BATCH_SCRIPT = """#!/bin/bash
 
 set -euo pipefail
 
-trap 'echo SIGTERM received' TERM
 # On the way out (the server ended, or the job was cancelled): end every process of this
 # job that is still alive. They are found by the job's id in their environment, so that
 # those that left the server's process tree (a kernel whose server died first, a process
@@ -102,8 +102,13 @@ labkit_end_job() {  # SIGTERM, 2 s, SIGKILL, 5 s (within SLURM's KillWait when c
     return 0
 }
 trap labkit_end_job EXIT
+# The server runs in the background and the script waits for it, so that a SIGTERM (scancel)
+# runs the cleanup at once, well within SLURM's KillWait, rather than after the server's own
+# shutdown: bash runs a trap only once its foreground command has ended.
+trap 'echo SIGTERM received; labkit_end_job' TERM
 {{prologue}}
-{% if srun %}{{srun}} {% endif %}{{cmd}}
+{% if srun %}{{srun}} {% endif %}{{cmd}} &
+wait $!
 echo "jupyterhub-singleuser ended gracefully"
 {{epilogue}}
 """
