@@ -21,7 +21,7 @@ from jupyter_core.utils import run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat.v4 import new_output
 from nbgrader.preprocessors import Execute
-from traitlets import Integer
+from traitlets import Bool, Integer
 
 # The ename of the error output each event leaves in a cell; the score table reads them back.
 KERNEL_DIED = "DeadKernelError"
@@ -35,6 +35,9 @@ class GuardedExecute(Execute):
     max_kernel_restarts = Integer(
         3, help="Kernel restarts allowed in one notebook before the cells left are failed unrun."
     ).tag(config=True)
+
+    # one stdout and one stderr output per cell, however the kernel's timer split them
+    coalesce_streams = Bool(True, help="Merge each cell's stream outputs of one name into one.").tag(config=True)
 
     def preprocess(self, nb, resources=None, km=None):
         self._restarts = 0
