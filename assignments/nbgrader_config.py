@@ -27,10 +27,6 @@ c.Execute.interrupt_on_timeout = True
 # When the last cell is done the kernel is killed at once: nothing of a student's is worth
 # waiting for (atexit hooks, threads), and nothing of it should run after grading.
 c.Execute.shutdown_kernel = "immediate"
-# A print can reach the notebook as several stream outputs (the kernel flushes on a timer, so a
-# busy machine splits one line in two): each cell's stdout and stderr are merged into one output
-# each, so that a graded notebook and its feedback read the same however loaded the grader was.
-c.Execute.coalesce_streams = True
 
 # Autograding runs nbgrader's own steps, with its Execute swapped for GuardedExecute: a cell
 # that kills the kernel or ignores the interrupt fails on its own, the kernel is restarted and

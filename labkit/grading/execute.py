@@ -36,7 +36,11 @@ class GuardedExecute(Execute):
         3, help="Kernel restarts allowed in one notebook before the cells left are failed unrun."
     ).tag(config=True)
 
-    # one stdout and one stderr output per cell, however the kernel's timer split them
+    # A print can reach the notebook as several stream outputs (the kernel flushes on a timer,
+    # so a busy machine splits one line in two): each cell's stdout and stderr become one output
+    # each, so that a graded notebook and its feedback read the same however loaded the grader
+    # was. A default of the class, as c.Execute.coalesce_streams in nbgrader_config.py did not
+    # reach autograding.
     coalesce_streams = Bool(True, help="Merge each cell's stream outputs of one name into one.").tag(config=True)
 
     def preprocess(self, nb, resources=None, km=None):

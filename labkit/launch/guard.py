@@ -54,13 +54,19 @@ def how(code: int) -> str:
     return f"exit status {code}"
 
 
-def main(run_dir: str) -> int:
+def _run_child(command: list) -> subprocess.Popen:
+    """Start the rank as this guard's child, dying with it; pass the launcher's signals on."""
     # close_fds=False: the rank needs the descriptors its launcher handed down (PMI_FD)
-    child = subprocess.Popen([sys.executable, "-m", "labkit.worker", run_dir], close_fds=False,
+    child = subprocess.Popen(command, close_fds=False,
                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     # SIGUSR1 is how mpiexec -disable-auto-cleanup tells the ranks that one of them died
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, lambda s, f: child.send_signal(s))
+    return child
+
+
+def main(run_dir: str) -> int:
+    child = _run_child([sys.executable, "-m", "labkit.worker", run_dir])
     code = child.wait()
     if code not in CLEAN_EXITS:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -78,15 +84,10 @@ def main(run_dir: str) -> int:
 def guard_command(status_dir: str, command: list) -> int:
     """Run ``command``; if it fails, record how in ``status_dir`` and die by a signal."""
     try:
-        child = subprocess.Popen(command, close_fds=False,
-                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        code = _run_child(command).wait()
     except OSError as e:
         print(f"labkit: launch: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
         code = 126 if isinstance(e, PermissionError) else 127
-    else:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, lambda s, f: child.send_signal(s))
-        code = child.wait()
     if code == 0:
         return 0
     path = os.path.join(status_dir, f"rank-{env_rank()}")
