@@ -227,27 +227,53 @@ def summarize(ctx: RankContext, results: dict) -> dict:
     }
 
 
-_peers_lost = False  # set when this rank's communicator learnt of a dead rank
+_skip_finalize = False  # set when MPI_Finalize could wait forever for a rank that died
 
 
-def _learn_deaths_from_sigusr1(comm, run: RunDir) -> None:
-    """mpiexec -disable-auto-cleanup tells the surviving ranks that one died with SIGUSR1.
+def _learn_deaths(comm, run: RunDir, since: int, follow_metrics: bool) -> None:
+    """Tell the communicator of every rank that dies, as the guards report it.
 
-    By then the dead rank's guard has written a ``rank_died`` event; the communicator
-    learns which rank it was, so that waiting on it fails at once (MPI itself would wait
-    for the timeout). The mode then goes on without that worker.
+    mpiexec -disable-auto-cleanup tells the surviving ranks that one died with SIGUSR1,
+    after the dead rank's guard has written its ``rank_died`` event. MPI itself would have
+    the survivors wait on the dead rank until the timeout; once the communicator knows
+    (``mark_lost``), waiting on that rank fails at once and the mode goes on without it.
+    SIGUSR1 reads the events at once; with ``follow_metrics`` (the mpi backend; gloo and
+    NCCL see a closed connection by themselves) a thread also follows ``metrics.jsonl`` for
+    them, so that a signal that comes early, late or not at all costs a fraction of a second.
+    Only events from byte ``since`` of the metrics on count: a resumed run's file also
+    holds the deaths of the runs before.
     """
+    def read_deaths(start: int) -> int:
+        """Mark the deaths reported from byte ``start`` on; the offset after the last line."""
+        end = start
+        for record, end in run.read_metrics_from(start):  # noqa: B007 - ``end`` is the result
+            if record.get("event") == "rank_died" and isinstance(record.get("rank"), int):
+                comm.mark_lost([record["rank"]])
+        return end
+
     def on_sigusr1(signum, frame):
         try:
-            comm.mark_lost(e["rank"] for e in run.metrics(kind="event") if e.get("event") == "rank_died")
-        except (OSError, ValueError, KeyError):
+            read_deaths(since)
+        except OSError:
             pass
 
-    signal.signal(signal.SIGUSR1, on_sigusr1)
+    def follow():
+        offset = since
+        while True:
+            try:
+                offset = read_deaths(offset)
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    if hasattr(signal, "SIGUSR1"):  # its default action would end this rank too
+        signal.signal(signal.SIGUSR1, on_sigusr1)
+    if follow_metrics:
+        threading.Thread(target=follow, name="labkit-rank-deaths", daemon=True).start()
 
 
 def run_rank(run_dir: str) -> int:
-    global _peers_lost, _finishing
+    global _skip_finalize, _finishing
     run = RunDir(run_dir)
     meta = run.read_config()
     config = RunConfig.from_dict(meta["config"])
@@ -261,10 +287,15 @@ def run_rank(run_dir: str) -> int:
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
     comm = None
     try:
+        # deaths reported from here on are this launch's: no rank gets through init without all
+        since = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
         comm = comm_pkg.init(config.backend, config.timeout)
         survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
-        if survives and hasattr(signal, "SIGUSR1"):
-            _learn_deaths_from_sigusr1(comm, run)
+        if survives:
+            _learn_deaths(comm, run, since, follow_metrics=config.backend == "mpi")
+            # a peer may die at any time, also after this rank is done: MPI_Finalize would
+            # wait for it forever, so this rank leaves without it (see main)
+            _skip_finalize = config.backend == "mpi"
         ctx = build_context(config, comm, run, meta["start_time"])
         stop_on_divergence(ctx)
         ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
@@ -312,7 +343,7 @@ def run_rank(run_dir: str) -> int:
     finally:
         if comm is not None:
             comm.close()
-            _peers_lost = bool(comm.lost)
+            _skip_finalize = _skip_finalize or bool(comm.lost)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     code = run_rank(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()
-    if (code != 0 or _peers_lost) and os.environ.get("LABKIT_BACKEND") == "mpi":
+    if (code != 0 or _skip_finalize) and os.environ.get("LABKIT_BACKEND") == "mpi":
         os._exit(code)  # do not wait in MPI_Finalize for ranks that will never arrive
     return code
 

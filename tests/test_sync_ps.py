@@ -189,14 +189,29 @@ def master_step_at_least(step):
     return lambda run: any(r["rank"] == 0 and r["step"] >= step for r in run.iter_metrics(kind="train"))
 
 
-def finish(proc, timeout=170):
+def finish(proc, run_dir, timeout=170):
+    """The run's exit status and stderr; if it does not end in ``timeout`` s, what each rank was doing."""
     try:
         _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not end in {timeout} s\n" + where_it_stands(run_dir))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return proc.returncode, err
+
+
+def where_it_stands(run_dir):
+    run = RunDir(run_dir)
+    events = run.metrics(kind="event")
+    last_steps = {}
+    for record in run.iter_metrics(kind="train"):
+        last_steps[record["rank"]] = record["step"]
+    logs = []
+    for log in sorted(run.log_dir.glob("*.log")):
+        logs.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-8:]))
+    return "\n".join([f"events: {events}", f"last train step per rank: {last_steps}", *logs])
 
 
 @pytest.mark.slow
@@ -206,7 +221,7 @@ def test_async_modes_survive_a_lost_worker(tmp_path, no_leftovers, sync):
     run_dir = tmp_path / "run"
     proc = start_run(run_dir, sync, "--steps", 150)
     kill_rank_when(proc, run_dir, 2, master_step_at_least(20))
-    code, err = finish(proc)
+    code, err = finish(proc, run_dir)
     summary = RunDir(run_dir).read_summary()
     assert code == 0, err + summary.get("error", "")
     assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.9
@@ -230,7 +245,7 @@ def test_async_modes_survive_a_lost_worker_under_mpiexec(tmp_path, no_leftovers,
     start = time.monotonic()
     proc = start_run(run_dir, sync, "--steps", 150, "--launcher", "mpi", "--backend", backend)
     kill_rank_when(proc, run_dir, 2, master_step_at_least(20))
-    code, err = finish(proc)
+    code, err = finish(proc, run_dir)
     summary = RunDir(run_dir).read_summary()
     seen = (summary, [e for e in RunDir(run_dir).metrics(kind="event") if e["event"] != "started"])
     assert code == 0, err + summary.get("error", "")
@@ -247,7 +262,7 @@ def test_a_lost_rank_fails_the_run_and_resume_finishes_it(tmp_path, no_leftovers
     run_dir = tmp_path / "run"
     proc = start_run(run_dir, sync, "--checkpoint-every", 20)
     kill_rank_when(proc, run_dir, rank, lambda run: run.checkpoint_path(20).exists())
-    code, _ = finish(proc)
+    code, _ = finish(proc, run_dir)
     summary = RunDir(run_dir).read_summary()
     assert code == 1 and summary["status"] == "failed"
     assert f"rank {rank} died" in summary["error"]
@@ -267,3 +282,27 @@ def test_a_lost_rank_fails_the_run_and_resume_finishes_it(tmp_path, no_leftovers
         reference = final_weights(tmp_path / "straight", straight["steps"])
         weights = final_weights(run_dir, resumed["steps"])
         assert all(torch.equal(reference[k], weights[k]) for k in reference)
+
+
+def test_a_rank_learns_of_a_death_from_the_metrics_without_the_signal(tmp_path):
+    """Under mpiexec a survivor learns of a death from the guard's ``rank_died`` event even
+    when SIGUSR1 never comes; deaths from before its launch (a resumed run) do not count."""
+    from labkit.comm.base import Communicator
+    from labkit.worker import _learn_deaths
+
+    run = RunDir(tmp_path)
+    died = {"kind": "event", "event": "rank_died", "t": 1.0, "detail": "killed by SIGKILL"}
+    run.append_metrics({**died, "rank": 3})  # the run before a resume
+    comm = Communicator(rank=0, size=4)
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        _learn_deaths(comm, run, run.metrics_path.stat().st_size, follow_metrics=True)
+        time.sleep(0.5)
+        assert comm.lost == set()
+        run.append_metrics({**died, "rank": 2})
+        deadline = time.monotonic() + 5
+        while not comm.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert comm.lost == {2}
+    finally:
+        signal.signal(signal.SIGUSR1, before)
