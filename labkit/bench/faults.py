@@ -199,19 +199,28 @@ def row(name: str, code, cause: str, detected_s, kept: str, lost: list[str]) -> 
             "lost": lost, "nothing_lost": not lost}
 
 
-def _killed_rank(root: Path, name: str, rank: int) -> dict:
-    run_dir = root / name
-    proc = _popen(["train", "--quiet", *LONG, "--run-dir", run_dir])
+def _interrupted(run_dir: Path, fault, *options) -> tuple[int, str, float]:
+    """Start ``labkit train`` (``options``, the long run by default), call ``fault(proc)``
+    once it has a first checkpoint, and wait for it to end: (exit status, stderr, seconds
+    from the fault to the end)."""
+    proc = _popen(["train", "--quiet", *(options or LONG), "--run-dir", run_dir])
     try:
         _wait_for(lambda: _has_checkpoint(run_dir), "a first checkpoint", proc)
-        pid = _wait_for(lambda: _rank_pid(run_dir, rank), f"rank {rank} to start", proc)
-        os.kill(pid, signal.SIGKILL)
         t = time.monotonic()
+        fault(proc)
         code, err = _finish(proc)
-        detected = time.monotonic() - t
+        return code, err, time.monotonic() - t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _killed_rank(root: Path, name: str, rank: int) -> dict:
+    run_dir = root / name
+
+    def kill(proc):
+        os.kill(_wait_for(lambda: _rank_pid(run_dir, rank), f"rank {rank} to start", proc), signal.SIGKILL)
+    code, err, detected = _interrupted(run_dir, kill)
     kept, lost = audit(run_dir, "failed", f"rank {rank} died")
     return row(name, code, _cause(err), detected, kept, lost)
 
@@ -262,19 +271,13 @@ def kill_launcher(root: Path) -> dict:
 
 def _signalled(root: Path, name: str, signals: list[int], status: str, words: str) -> dict:
     run_dir = root / name
-    proc = _popen(["train", "--quiet", *LONG, "--run-dir", run_dir])
-    try:
-        _wait_for(lambda: _has_checkpoint(run_dir), "a first checkpoint", proc)
-        t = time.monotonic()
+
+    def send(proc):
         for i, sig in enumerate(signals):
             if i:
                 time.sleep(0.3)
             proc.send_signal(sig)
-        code, err = _finish(proc)
-        detected = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err, detected = _interrupted(run_dir, send)
     kept, lost = audit(run_dir, status, words)
     if "Traceback" in err:
         lost.append("a traceback was printed")
@@ -357,16 +360,7 @@ def disk_full(root: Path) -> dict:
 @fault("vanish-run-dir", "the run directory moved away (deleted) mid-run")
 def vanish(root: Path) -> dict:
     run_dir = root / "vanish"
-    proc = _popen(["train", "--quiet", *LONG, "--run-dir", run_dir])
-    try:
-        _wait_for(lambda: _has_checkpoint(run_dir), "a first checkpoint", proc)
-        os.rename(run_dir, root / "vanish-moved")
-        t = time.monotonic()
-        code, err = _finish(proc)
-        detected = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err, detected = _interrupted(run_dir, lambda proc: os.rename(run_dir, root / "vanish-moved"))
     shutil.rmtree(root / "vanish-moved", ignore_errors=True)
     lost = []
     cause = _cause(err)
@@ -380,16 +374,8 @@ def vanish(root: Path) -> dict:
 @fault("silent-rank", "rank 1 stopped (SIGSTOP) and never continued; --timeout 5")
 def silent_rank(root: Path) -> dict:
     run_dir = root / "silent-rank"
-    proc = _popen(["train", "--quiet", *LONG, "--timeout", "5", "--run-dir", run_dir])
-    try:
-        _wait_for(lambda: _has_checkpoint(run_dir), "a first checkpoint", proc)
-        os.kill(_rank_pid(run_dir, 1), signal.SIGSTOP)
-        t = time.monotonic()
-        code, err = _finish(proc)
-        detected = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err, detected = _interrupted(run_dir, lambda proc: os.kill(_rank_pid(run_dir, 1), signal.SIGSTOP),
+                                       *LONG, "--timeout", "5")
     kept, lost = audit(run_dir, "failed", "rank 1 stopped answering")
     if "--timeout 5" not in _cause(err):
         lost.append("the line does not name the timeout that caught it")
@@ -399,17 +385,13 @@ def silent_rank(root: Path) -> dict:
 @fault("straggler", "rank 1 stopped (SIGSTOP) for 3 s, then continued; --timeout 30")
 def straggler(root: Path) -> dict:
     run_dir = root / "straggler"
-    proc = _popen(["train", "--quiet", *SMALL, "--steps", "60", "--timeout", "30", "--run-dir", run_dir])
-    try:
-        _wait_for(lambda: _has_checkpoint(run_dir), "a first checkpoint", proc)
+
+    def pause(proc):
         pid = _rank_pid(run_dir, 1)
         os.kill(pid, signal.SIGSTOP)
         time.sleep(3)
         os.kill(pid, signal.SIGCONT)
-        code, err = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err, _ = _interrupted(run_dir, pause, *SMALL, "--steps", "60", "--timeout", "30")
     kept, lost = audit(run_dir, "completed")
     return row("straggler", code, _cause(err), None, kept, lost)
 
