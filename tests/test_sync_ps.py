@@ -205,9 +205,7 @@ def finish(proc, run_dir, timeout=170):
 def where_it_stands(run_dir):
     run = RunDir(run_dir)
     events = run.metrics(kind="event")
-    last_steps = {}
-    for record in run.iter_metrics(kind="train"):
-        last_steps[record["rank"]] = record["step"]
+    last_steps = {record["rank"]: record["step"] for record in run.iter_metrics(kind="train")}
     logs = []
     for log in sorted(run.log_dir.glob("*.log")):
         logs.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-8:]))
