@@ -3,6 +3,7 @@
     python tests/p2p_rank.py both OUT_DIR   isend and irecv both ways at once; the fast ring
                                            against the library allreduce
     python tests/p2p_rank.py dead OUT_DIR   rank 1 leaves; rank 0 waits on it with irecv and isend
+    python tests/p2p_rank.py silent OUT_DIR rank 1 stays but says nothing; rank 0 waits the same way
 
 Each rank writes OUT_DIR/rank-K.json.
 """
@@ -42,24 +43,28 @@ def fast_ring_cases(comm) -> list[dict]:
     """Whole numbers, so that every summation order gives exactly the library's sum."""
     cases = []
     for seed, numel in enumerate([1, comm.size, 2 * comm.size * 1000, 7 * comm.size + 3, 300_001]):
-        for segment_bytes in (64, 1 << 20):
+        # small segments: many per chunk, with the pipeline's depth and receives posted ahead
+        for segment_bytes, depth, ahead in ((64, 2, 0), (64, 1, 2), (64, 2, 2), (1 << 20, 2, 0)):
             generator = torch.Generator().manual_seed(1000 * seed + comm.rank)
             data = torch.randint(-50, 50, (numel,), generator=generator).float()
             expected = comm.allreduce(data.clone())
             before = comm.stats.bytes_sent
-            result = fast_ring_allreduce(comm, data, segment_bytes=segment_bytes)
-            cases.append({"numel": numel, "segment_bytes": segment_bytes, "ok": bool(torch.equal(result, expected)),
+            result = fast_ring_allreduce(comm, data, segment_bytes=segment_bytes, depth=depth, ahead=ahead)
+            cases.append({"numel": numel, "segment_bytes": segment_bytes, "depth": depth, "ahead": ahead,
+                          "ok": bool(torch.equal(result, expected)),
                           "in_place": result is data, "bytes_sent": comm.stats.bytes_sent - before})
     return cases
 
 
-def dead_peer(comm) -> dict:
-    """Rank 1 leaves without a word; rank 0 waits on it."""
+def dead_peer(comm, silent: bool = False) -> dict:
+    """Rank 1 leaves without a word (or, ``silent``, stays alive and mute); rank 0 waits on it."""
     comm.barrier()
     if comm.rank == 1:
+        if silent:
+            time.sleep(2 * TIMEOUT_S + 4)  # alive through both of rank 0's waits
         os._exit(0)
     outcome = {}
-    time.sleep(0.5)  # rank 1 is gone
+    time.sleep(0.5)  # rank 1 is gone, or busy elsewhere
     for op in ("irecv", "isend"):
         start = time.monotonic()
         try:
@@ -80,10 +85,10 @@ def main(what: str, out_dir: str) -> None:
     if what == "both":
         report = {"both_ways": both_ways(comm), "fast_ring": fast_ring_cases(comm), "size": comm.size}
     else:
-        report = dead_peer(comm)
+        report = dead_peer(comm, silent=what == "silent")
     with open(os.path.join(out_dir, f"rank-{comm.rank}.json"), "w") as f:
         json.dump(report, f)
-    if what == "dead":
+    if what in ("dead", "silent"):
         os._exit(0)  # the group lost a rank: do not wait on it at exit
     comm.barrier()
     comm.close()

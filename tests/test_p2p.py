@@ -60,11 +60,13 @@ def test_isend_irecv_both_ways_and_fast_ring_mpi(tmp_path, no_leftovers):
     check_both(launch(tmp_path / "out", "both", 3, "--launcher", "mpi", "--backend", "mpi"), 3)
 
 
-def check_dead(report: dict) -> None:
+def check_dead(report: dict, silent: bool = False) -> None:
     for op in ("irecv", "isend"):
         outcome = report[op]
         assert outcome["error"] == "PeerError", outcome
         assert outcome["seconds"] < TIMEOUT_S + 3, outcome  # within its deadline
+        if silent and op == "irecv":  # a live peer is given the whole deadline (gloo then
+            assert outcome["seconds"] > TIMEOUT_S - 1, outcome  # closes the pair: isend fails at once)
 
 
 @pytest.mark.timeout(120)
@@ -74,6 +76,15 @@ def test_dead_peer_gives_peer_error_gloo(tmp_path, no_leftovers):
     result = run_cli("launch", "-n", 2, "--timeout", 60, "--", PYTHON, RANK_SCRIPT, "dead", out, timeout=90)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_dead(json.loads((out / "rank-0.json").read_text()))
+
+
+@pytest.mark.timeout(120)
+def test_silent_peer_gives_peer_error_at_the_deadline_gloo(tmp_path, no_leftovers):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli("launch", "-n", 2, "--timeout", 60, "--", PYTHON, RANK_SCRIPT, "silent", out, timeout=90)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_dead(json.loads((out / "rank-0.json").read_text()), silent=True)
 
 
 @pytest.mark.slow

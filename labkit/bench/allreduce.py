@@ -11,8 +11,9 @@ hand-written ring, tree, recursive-doubling and parameter-server allreduces
 For every algorithm and message size S (float32, sum):
 
 - time: after a warm-up, ``--rounds`` rounds in which the algorithms take turns (the
-  order rotates from round to round), each with up to ``--iters`` back-to-back calls
-  (fewer when calls are slow, so that an algorithm's rounds take about a second); a
+  order rotates from round to round), each with the same number of back-to-back calls,
+  up to ``--iters`` (fewer when calls are slow, so that the slowest algorithm's rounds
+  take about a second); a
   round's time is its mean per call on the slowest rank, and the median round is
   reported. Taking turns within one launch means that a change in the machine's load
   falls on every algorithm alike, so the ratio to the library is fair even on a shared
@@ -105,7 +106,10 @@ def time_alternately(comm, functions: list, buffer: torch.Tensor, max_iters: int
     In every round each function takes its turn, in an order that rotates from round to
     round; a round's time is the mean per call on the slowest rank.
     """
-    iters = [calls_per_round(comm, function, buffer, max_iters, rounds) for function in functions]
+    # one count for all: a round's time includes the skew with which the ranks leave the
+    # barrier, and fewer calls would carry more of it
+    count = min(calls_per_round(comm, function, buffer, max_iters, rounds) for function in functions)
+    iters = [count] * len(functions)
     seconds: list[list[float]] = [[] for _ in functions]
     for round_ in range(rounds):
         for k in range(len(functions)):
@@ -346,7 +350,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-bytes", type=parse_bytes, default="64M", help="largest message (default 64M)")
     parser.add_argument("--factor", type=int, default=4, help="ratio of successive sizes (default 4)")
     parser.add_argument("--iters", type=int, default=20,
-                        help="timed calls per round, fewer for slow ones (default 20)")
+                        help="timed calls per round, the same for every algorithm of a size; "
+                             "fewer when calls are slow (default 20)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help=f"rounds in which the algorithms take turns; the median is reported (default {ROUNDS})")
     parser.add_argument("--backend", choices=["gloo", "mpi"], default="gloo",

@@ -45,7 +45,10 @@ FAST_RING_TAG = 1000  # + direction; messages between two ranks with one tag arr
 SEGMENT_BYTES = 4 << 20  # as NCCL_BUFFSIZE: 4 MB
 MAX_SEGMENTS = 64  # per chunk: segments grow for larger chunks
 PIPELINE_DEPTH = 2  # segments in flight per direction, as in gloo's ring
-RECEIVE_AHEAD = 2  # receives posted before their send is due (each holds a scratch segment)
+# operations whose receive is posted before their send is due (each holds a scratch segment):
+# 0 posts each receive just before its own send; earlier ones kept more buffers hot and
+# did not make gloo faster on shared cores (docs/collectives.md)
+RECEIVE_AHEAD = 0
 _SCRATCH = threading.local()  # the fast ring's receive buffers, reused between calls
 
 
@@ -130,7 +133,8 @@ def ring_allreduce(comm: Communicator, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes: int = SEGMENT_BYTES,
-                        bidirectional: bool = False, depth: int = PIPELINE_DEPTH) -> torch.Tensor:
+                        bidirectional: bool = False, depth: int = PIPELINE_DEPTH,
+                        ahead: int = RECEIVE_AHEAD) -> torch.Tensor:
     """Ring allreduce as gloo runs it: sends and receives at once, in pipelined segments.
 
     The same 2(N-1) steps as :func:`ring_allreduce`, with what gloo's ring
@@ -142,9 +146,9 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
     - each chunk moves as segments of about ``segment_bytes`` (at most ``MAX_SEGMENTS`` a
       chunk), ``depth`` of them in flight: the add of one segment overlaps the transfer
       of the next;
-    - each receive is posted ``RECEIVE_AHEAD`` operations early, so that the neighbour's
-      send finds it waiting and goes out at once rather than through the transport's
-      own thread (in gloo a send waits until the receiver has said it is ready);
+    - each receive is posted before the send of the same operation (``ahead``
+      operations earlier still, if asked), so that the neighbour's send finds it waiting
+      (in gloo a send waits until the receiver has said it is ready);
     - the received segments land in scratch buffers kept from call to call (no
       allocation, and a buffer just added is still in cache when it is reused);
     - ``bidirectional``: half of the tensor goes round to the right and half to the left
@@ -160,7 +164,7 @@ def fast_ring_allreduce(comm: Communicator, tensor: torch.Tensor, segment_bytes:
         return tensor
     flat = _flat(tensor)
     parts = flat.tensor_split(2) if bidirectional else (flat,)
-    rings = [_RingPipeline(comm, part, way, segment_bytes, depth) for way, part in enumerate(parts)]
+    rings = [_RingPipeline(comm, part, way, segment_bytes, depth, ahead) for way, part in enumerate(parts)]
     for index in range(max(len(ring.ops) for ring in rings)):
         for ring in rings:
             if index < len(ring.ops):  # the halves may differ by one element
@@ -198,7 +202,8 @@ class _RingPipeline:
     depth + ahead operations later, when its add is done.
     """
 
-    def __init__(self, comm: Communicator, part: torch.Tensor, way: int, segment_bytes: int, depth: int):
+    def __init__(self, comm: Communicator, part: torch.Tensor, way: int, segment_bytes: int, depth: int,
+                 ahead: int):
         n, rank = comm.size, comm.rank
         d = 1 if way == 0 else -1
         chunks = part.tensor_split(n)
@@ -206,7 +211,7 @@ class _RingPipeline:
         per_chunk = min(MAX_SEGMENTS, max(1, -(-longest * part.element_size() // max(1, segment_bytes))))
         pieces = [chunk.tensor_split(per_chunk) for chunk in chunks]
         self.depth = max(1, min(depth, per_chunk))
-        self.ahead = max(0, min(RECEIVE_AHEAD, (n - 1) * per_chunk - self.depth))
+        self.ahead = max(0, min(ahead, (n - 1) * per_chunk - self.depth))
         self.comm, self.tag = comm, FAST_RING_TAG + way
         self.right, self.left = (rank + d) % n, (rank - d) % n
         self.buffers = _scratch(part, way, self.depth + self.ahead, pieces[0][0].numel())

@@ -21,7 +21,7 @@ class TorchDistCommunicator(Communicator):
     """torch.distributed process group (``env://`` rendezvous: MASTER_ADDR, MASTER_PORT)."""
 
     def __init__(self, backend: str, rank: int, size: int, timeout: float = 120.0, group=None,
-                 global_ranks: list[int] | None = None):
+                 global_ranks: list[int] | None = None, group_deadline: bool = False):
         super().__init__(rank, size, timeout)
         self.backend = backend
         self.group = group
@@ -29,23 +29,30 @@ class TorchDistCommunicator(Communicator):
         self.device = torch.device("cpu")
         if backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self._cuda = self.device.type == "cuda"
+        self._deadline = datetime.timedelta(seconds=timeout)
+        # gloo gives up on a send or receive after the group's own timeout. When labkit made
+        # the group with this communicator's timeout, a plain wait() keeps the deadline, and
+        # it is cheaper than a timed one (a few per cent of a 16 MB ring allreduce).
+        self._group_deadline = group_deadline and backend == "gloo"
 
     @classmethod
     def from_env(cls, backend: str, rank: int, size: int, timeout: float) -> "TorchDistCommunicator":
         if backend == "nccl":
             local = int(os.environ.get("LOCAL_RANK", rank))
             torch.cuda.set_device(local % torch.cuda.device_count())
-        if not dist.is_initialized():
+        made_here = not dist.is_initialized()
+        if made_here:
             try:
                 dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size,
                                         timeout=datetime.timedelta(seconds=timeout))
             except Exception as e:  # rendezvous never completed
                 raise PeerError(f"rendezvous of {size} ranks at {os.environ.get('MASTER_ADDR')}:"
                                 f"{os.environ.get('MASTER_PORT')} failed: {str(e).splitlines()[0]}") from e
-        return cls(backend, rank, size, timeout)
+        return cls(backend, rank, size, timeout, group_deadline=made_here)
 
     def _on_device(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == self.device.type
+        return tensor.is_cuda == self._cuda
 
     def _call(self, op: str, fn, tensor: torch.Tensor | None = None):
         """Run a torch.distributed call on this backend's device, translating failures."""
@@ -69,8 +76,10 @@ class TorchDistCommunicator(Communicator):
 
     def _isend(self, tensor, dst, tag):
         moved = tensor if self._on_device(tensor) else tensor.to(self.device)
-        work = self._call("isend", lambda t: dist.isend(t, self.global_ranks[dst], group=self.group, tag=tag),
-                          moved)
+        try:
+            work = dist.isend(moved, self.global_ranks[dst], group=self.group, tag=tag)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise _lost("isend", e) from e
 
         def wait():
             self._wait_work(work, "isend", dst)
@@ -79,8 +88,10 @@ class TorchDistCommunicator(Communicator):
 
     def _irecv(self, tensor, src, tag):
         moved = tensor if self._on_device(tensor) else torch.empty_like(tensor, device=self.device)
-        work = self._call("irecv", lambda t: dist.irecv(t, self.global_ranks[src], group=self.group, tag=tag),
-                          moved)
+        try:
+            work = dist.irecv(moved, self.global_ranks[src], group=self.group, tag=tag)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise _lost("irecv", e) from e
 
         def wait():
             self._wait_work(work, "irecv", src)
@@ -92,7 +103,7 @@ class TorchDistCommunicator(Communicator):
     def _wait_work(self, work, op: str, peer: int) -> None:
         """Wait for a torch.distributed request until the deadline; PeerError if it fails."""
         try:
-            done = work.wait(datetime.timedelta(seconds=self.timeout))
+            done = work.wait() if self._group_deadline else work.wait(self._deadline)
         except (RuntimeError, dist.DistBackendError) as e:
             raise _lost(op, e) from e
         if done is False:
@@ -124,7 +135,7 @@ class TorchDistCommunicator(Communicator):
         if self.rank not in ranks:
             return None
         sub = TorchDistCommunicator(self.backend, ranks.index(self.rank), len(ranks), self.timeout,
-                                    group=group, global_ranks=global_ranks)
+                                    group=group, global_ranks=global_ranks, group_deadline=True)
         return sub
 
     def close(self):
