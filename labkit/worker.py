@@ -273,7 +273,7 @@ def _learn_deaths(comm, run: RunDir, since: int, follow_metrics: bool) -> None:
 
 
 def run_rank(run_dir: str) -> int:
-    global _skip_finalize, _finishing
+    global _skip_finalize
     run = RunDir(run_dir)
     meta = run.read_config()
     config = RunConfig.from_dict(meta["config"])
@@ -285,65 +285,82 @@ def run_rank(run_dir: str) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     watch_launcher(run, meta, rank)
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
-    comm = None
+    comms: list = []  # the communicator once it is made: closed whatever happens
     try:
-        # deaths reported from here on are this launch's: no rank gets through init without all
-        since = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
-        comm = comm_pkg.init(config.backend, config.timeout)
-        survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
-        if survives:
-            _learn_deaths(comm, run, since, follow_metrics=config.backend == "mpi")
-            # a peer may die at any time, also after this rank is done: MPI_Finalize would
-            # wait for it forever, so this rank leaves without it (see main)
-            _skip_finalize = config.backend == "mpi"
-        ctx = build_context(config, comm, run, meta["start_time"])
-        stop_on_divergence(ctx)
-        ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
-        if comm.rank == 0:
-            print(describe(ctx.model, ctx.data.input_shape), flush=True)
-        if uses_sync_mode(config.parallelism, config.data_parallel):
-            results = SYNC_MODES.get(config.sync)(**config.mode_settings()).run(ctx)
-        else:  # a split model (or data parallelism done the naive or the bucketed way)
-            parallelism = PARALLELISMS.get(config.parallelism)
-            results = parallelism(**config.values_for(parallelism)).run(ctx)
-        _finishing = True
-        ctx.event("finished")
-        if not survives:
-            comm.barrier()  # a mode that survives lost workers ends in step by itself
-        if comm.rank == 0:
-            summary = summarize(ctx, results)
-            run.write_summary(summary)
-            print(f"labkit worker: done, test accuracy {summary['test_accuracy']:.4f}", flush=True)
-        return 0
+        return _train(run, meta, config, comms)
     except Stopped:
-        # stopping already: a second SIGTERM (the launcher watch's) must not cut the finalizing short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"labkit worker: rank {rank} stopped", flush=True)
-        try:
-            run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "stopped",
-                                "rank": rank, "pid": os.getpid()})
-        except OSError:
-            pass
-        _finalize_orphan(run, _launcher_of(meta), rank)
-        return 143
+        return _stopped(run, meta, rank)
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
-        if isinstance(e, Diverged):
-            message = str(e)
-            print(f"labkit worker: rank {rank}: {message}", flush=True)
-        else:
-            traceback.print_exc()
-            message = f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        try:
-            run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "error",
-                                "rank": rank, "error": message, "peer_error": isinstance(e, comm_pkg.PeerError),
-                                "host": socket.gethostname(), "pid": os.getpid()})
-        except OSError:
-            pass
-        return 1
+        return _failed(run, meta, rank, e)
     finally:
-        if comm is not None:
+        for comm in comms:
             comm.close()
             _skip_finalize = _skip_finalize or bool(comm.lost)
+
+
+def _train(run: RunDir, meta: dict, config: RunConfig, comms: list) -> int:
+    """This rank's part of the run, from the communicator to the summary."""
+    global _skip_finalize, _finishing
+    # deaths reported from here on are this launch's: no rank gets through init without all
+    since = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
+    comm = comm_pkg.init(config.backend, config.timeout)
+    comms.append(comm)
+    survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
+    if survives:
+        _learn_deaths(comm, run, since, follow_metrics=config.backend == "mpi")
+        # a peer may die at any time, also after this rank is done: MPI_Finalize would
+        # wait for it forever, so this rank leaves without it (see main)
+        _skip_finalize = config.backend == "mpi"
+    ctx = build_context(config, comm, run, meta["start_time"])
+    stop_on_divergence(ctx)
+    ctx.event("started", world_size=comm.size, resumed_from=(ctx.resume_state or {}).get("step"))
+    if comm.rank == 0:
+        print(describe(ctx.model, ctx.data.input_shape), flush=True)
+    if uses_sync_mode(config.parallelism, config.data_parallel):
+        results = SYNC_MODES.get(config.sync)(**config.mode_settings()).run(ctx)
+    else:  # a split model (or data parallelism done the naive or the bucketed way)
+        parallelism = PARALLELISMS.get(config.parallelism)
+        results = parallelism(**config.values_for(parallelism)).run(ctx)
+    _finishing = True
+    ctx.event("finished")
+    if not survives:
+        comm.barrier()  # a mode that survives lost workers ends in step by itself
+    if comm.rank == 0:
+        summary = summarize(ctx, results)
+        run.write_summary(summary)
+        print(f"labkit worker: done, test accuracy {summary['test_accuracy']:.4f}", flush=True)
+    return 0
+
+
+def _stopped(run: RunDir, meta: dict, rank: int) -> int:
+    """The rank was asked to stop (SIGTERM): record it, finalize an orphaned run, exit 143."""
+    # stopping already: a second SIGTERM (the launcher watch's) must not cut the finalizing short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"labkit worker: rank {rank} stopped", flush=True)
+    try:
+        run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "stopped",
+                            "rank": rank, "pid": os.getpid()})
+    except OSError:
+        pass
+    _finalize_orphan(run, _launcher_of(meta), rank)
+    return 143
+
+
+def _failed(run: RunDir, meta: dict, rank: int, e: BaseException) -> int:
+    """Report the failure as an ``error`` event (the traceback to the rank's log); exit 1."""
+    if isinstance(e, Diverged):
+        message = str(e)
+        print(f"labkit worker: rank {rank}: {message}", flush=True)
+    else:
+        traceback.print_exc()
+        message = f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    try:
+        run.append_metrics({"t": time.time() - meta["start_time"], "kind": "event", "event": "error",
+                            "rank": rank, "error": message, "peer_error": isinstance(e, comm_pkg.PeerError),
+                            "host": socket.gethostname(), "pid": os.getpid()})
+    except OSError:
+        pass
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

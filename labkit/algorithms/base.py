@@ -16,6 +16,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Iterator
 
 import torch
@@ -67,13 +68,8 @@ class RankContext:
     precision: str = "fp32"  # --precision: bf16 runs forward and loss under autocast
 
     # --- data -----------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def world(self) -> int:
-        return self.comm.size
+    rank = property(attrgetter("comm.rank"), doc="this rank's index")
+    world = property(attrgetter("comm.size"), doc="how many ranks the run has")
 
     @property
     def steps_per_epoch(self) -> int:

@@ -217,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
+    print_figures(figures, args)
+    return 0 if figures["identical_scores"] else 1
+
+
+def print_figures(figures: dict, args) -> None:
+    n, assignments = figures["students"], figures["assignments"]
+    serial_s, parallel_s, load_before = figures["serial_s"], figures["parallel_s"], figures["loadavg_before"]
     print(f"autograding {n} submissions of {', '.join(assignments)} "
           f"({', '.join(f'{v} {k}' for k, v in figures['kinds'].items() if v)}); "
           f"cell limit {args.cell_timeout} s; load average {load_before} before, {figures['loadavg_after']} after")
@@ -225,4 +232,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {f'parallel (--jobs {args.jobs})':<22} {parallel_s:>8.0f} {figures['parallel_per_min']:>16.2f}")
     print(f"  parallel / serial: {figures['ratio']:.2f}x; score tables identical: "
           f"{'yes' if figures['identical_scores'] else 'NO'}")
-    return 0 if figures["identical_scores"] else 1

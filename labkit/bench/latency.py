@@ -69,6 +69,13 @@ def main(argv: list[str]) -> int:
         json.dump({**table, "check": checks, "load_average": load} if args.check else table, sys.stdout, indent=1)
         print()
         return 0
+    print_table(table, net, args)
+    if checks:
+        print_checks(checks, load)
+    return 0
+
+
+def print_table(table: dict, net, args) -> None:
     m = table["machine"]
     print(f"latency table: {m.get('gpu', m['cpu'])}, {args.device}, batch 1, {m['threads']} thread(s), "
           f"median of {args.repeats}, {args.clock} clock")
@@ -82,17 +89,18 @@ def main(argv: list[str]) -> int:
     print(f"fixed: stem {fixed['stem']:.3f} ms, head {fixed['head']:.3f} ms, network overhead "
           f"{fixed['overhead']:.3f} ms (median over {args.fit_networks} random networks)"
           + (f"; saved to {args.out}" if args.out else ""))
-    if checks:
-        print(f"\n{'network':<28} {'predicted ms':>12} {'measured ms':>12} {'error':>6}")
-        for c in checks:
-            print(f"{' '.join(c['architecture']):<28} {c['predicted_ms']:12.3f} {c['measured_ms']:12.3f} "
-                  f"{100 * c['error']:5.0f}%")
-        errors = sorted(c["error"] for c in checks)
-        within = sum(e <= 0.25 for e in errors)
-        print(f"within 25 %: {within} of {len(checks)}; median error {100 * statistics.median(errors):.0f} %, "
-              f"largest {100 * errors[-1]:.0f} % (load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
-              f"{os.cpu_count()} cores)")
-    return 0
+
+
+def print_checks(checks: list[dict], load) -> None:
+    print(f"\n{'network':<28} {'predicted ms':>12} {'measured ms':>12} {'error':>6}")
+    for c in checks:
+        print(f"{' '.join(c['architecture']):<28} {c['predicted_ms']:12.3f} {c['measured_ms']:12.3f} "
+              f"{100 * c['error']:5.0f}%")
+    errors = sorted(c["error"] for c in checks)
+    within = sum(e <= 0.25 for e in errors)
+    print(f"within 25 %: {within} of {len(checks)}; median error {100 * statistics.median(errors):.0f} %, "
+          f"largest {100 * errors[-1]:.0f} % (load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
+          f"{os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

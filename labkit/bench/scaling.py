@@ -402,94 +402,26 @@ def _cpu_name() -> str:
 
 
 def measure(args, out: Path, wire_method: str, progress) -> dict:
-    from ..data import load_dataset, train_size
-
     entries = plan(args)
     lr_tuned, tuning = (None, [])
     if args.tune_lr:
         lr_tuned, tuning = tune_learning_rate(args, out, progress)
         for e in entries:
             e["config"] = e["config"].replace(lr=lr_tuned)
-    total = len(entries) * args.repeats
-    done = 0
-    for e in entries:
-        e["runs"] = []
-        label = "/".join(e["scaling"])
-        for k in range(args.repeats):
-            done += 1
-            name = f"{'+'.join(e['scaling'])}-w{e['workers']}-b{e['batch_per_rank']}-r{k + 1}"
-            progress(f"run {done}/{total}: {label} scaling, {e['workers']} worker(s), batch {e['batch_per_rank']} "
-                     f"per rank, repeat {k + 1}")
-            e["runs"].append(run_once(e["config"].replace(run_dir=str(out / name)), args.target_accuracy))
-    determinism_runs = 0
-    if args.repeats == 1:  # the determinism check needs a second run with the same seed
-        e = max(entries, key=lambda x: x["workers"])
-        progress(f"determinism run: {'/'.join(e['scaling'])} scaling, {e['workers']} worker(s), same seed again")
-        again = run_once(e["config"].replace(run_dir=str(out / "determinism")), args.target_accuracy)
-        e["determinism_run"] = again
-        determinism_runs = 1
-
-    # rows: one per scaling kind and worker count (one-worker runs serve both kinds)
-    rows = []
-    for kind in args.scaling:
-        kind_entries = [e for e in entries if kind in e["scaling"]]
-        base_tta, base_workers = None, kind_entries[0]["workers"]
-        for e in kind_entries:
-            runs = e["runs"]
-            tta = spread([r["time_to_accuracy_s"] for r in runs])
-            row = {"scaling": kind, "workers": e["workers"], "batch_per_rank": e["batch_per_rank"],
-                   "global_batch": e["global_batch"], "steps": runs[0]["steps"], "repeats": len(runs),
-                   "reached": sum(r["time_to_accuracy_s"] is not None for r in runs),
-                   "time_to_accuracy_s": tta,
-                   "accuracy_at_target": spread([r["accuracy_at_target"] for r in runs]),
-                   "test_accuracy": spread([r["test_accuracy"] for r in runs]),
-                   "test_loss": spread([r["test_loss"] for r in runs]),
-                   "end_to_end_s": spread([r["end_to_end_s"] for r in runs]),
-                   "samples_per_s": spread([r["samples_per_s"] for r in runs]),
-                   "bytes_counted": spread([r["bytes_counted"] for r in runs]),
-                   "bytes_measured": spread([r["bytes_measured"] for r in runs]),
-                   "measured_vs_counted": spread([r["measured_vs_counted"] for r in runs]),
-                   "load_avg_1m": spread([r["load_avg_1m_before"] for r in runs]),
-                   "runs": runs}
-            full = tta is not None and row["reached"] == row["repeats"]
-            if e is kind_entries[0] and full:
-                base_tta = tta["median"]
-            row["speedup"] = base_tta / tta["median"] if base_tta and full else None
-            row["efficiency"] = row["speedup"] / (e["workers"] / base_workers) if row["speedup"] else None
-            rows.append(row)
-
+    total, determinism_runs = _run_entries(args, entries, out, progress)
     all_runs = [r for e in entries for r in e["runs"]] + [e["determinism_run"] for e in entries
                                                           if "determinism_run" in e]
-    # determinism: every repeat of a configuration ends with the same test accuracy and losses
-    checks = []
-    for e in entries:
-        group = e["runs"] + ([e["determinism_run"]] if "determinism_run" in e else [])
-        if len(group) > 1:
-            finals = {(r["test_accuracy"], r["test_loss"], r["train_loss"]) for r in group}
-            checks.append({"scaling": "/".join(e["scaling"]), "workers": e["workers"], "runs": len(group),
-                           "same": len(finals) == 1,
-                           "final": [{"test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
-                                      "train_loss": r["train_loss"]} for r in group]})
+    checks = _determinism_checks(entries)
     how = (f"{len(checks)} configuration(s) run {checks[0]['runs']} times each with seed {args.seed}" if checks
            else "not checked")
     ratios = [r["measured_vs_counted"] for r in all_runs if r["measured_vs_counted"] is not None]
     loads = [r["load_avg_1m_before"] for r in all_runs]
-    data = load_dataset(args.dataset, args.data_dir)
-    config0 = entries[0]["config"]
     return {
         "benchmark": "scaling",
-        "settings": {"model": args.model, "dataset": args.dataset, "sync": args.sync, "workers": args.workers,
-                     "scaling": args.scaling, "repeats": args.repeats, "target_accuracy": args.target_accuracy,
-                     "steps": None if args.epochs else (args.steps or DEFAULTS["steps"]), "epochs": args.epochs,
-                     "batch_size": args.batch_size, "eval_every": args.eval_every, "seed": args.seed,
-                     "lr": config0.lr, "momentum": config0.momentum, "tune_lr": args.tune_lr,
-                     "train_samples": train_size(args.dataset, args.data_dir), "test_samples": len(data.y_test),
-                     "input_shape": "x".join(map(str, data.input_shape)), "cpus": os.cpu_count(),
-                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                     "cpu": _cpu_name()},
+        "settings": _settings(args, entries[0]["config"]),
         "wire": {"method": wire_method, "private_namespace": os.environ.get(NETNS_ENV) == "1"},
         "load_avg_1m": spread(loads) or {"median": None, "min": None, "max": None, "n": 0},
-        "rows": rows,
+        "rows": [row for kind in args.scaling for row in _rows(kind, entries)],
         "bytes_agreement": {"runs": len(ratios), "min": min(ratios, default=None), "max": max(ratios, default=None),
                             "within_10_percent": bool(ratios) and all(abs(x) <= 0.10 for x in ratios)},
         "determinism": {"same_result": bool(checks) and all(c["same"] for c in checks), "how": how,
@@ -501,6 +433,85 @@ def measure(args, out: Path, wire_method: str, progress) -> dict:
                    if r["status"] != "completed"],
         "out": str(out),
     }
+
+
+def _run_entries(args, entries: list[dict], out: Path, progress) -> tuple[int, int]:
+    """Run every planned configuration ``--repeats`` times (``e["runs"]``), and the largest
+    once more with the same seed when there are no repeats (``e["determinism_run"]``).
+    Returns (measured runs, determinism runs)."""
+    total = len(entries) * args.repeats
+    done = 0
+    for e in entries:
+        e["runs"] = []
+        label = "/".join(e["scaling"])
+        for k in range(args.repeats):
+            done += 1
+            name = f"{'+'.join(e['scaling'])}-w{e['workers']}-b{e['batch_per_rank']}-r{k + 1}"
+            progress(f"run {done}/{total}: {label} scaling, {e['workers']} worker(s), batch {e['batch_per_rank']} "
+                     f"per rank, repeat {k + 1}")
+            e["runs"].append(run_once(e["config"].replace(run_dir=str(out / name)), args.target_accuracy))
+    if args.repeats > 1:
+        return total, 0
+    e = max(entries, key=lambda x: x["workers"])  # the determinism check needs a second run, same seed
+    progress(f"determinism run: {'/'.join(e['scaling'])} scaling, {e['workers']} worker(s), same seed again")
+    e["determinism_run"] = run_once(e["config"].replace(run_dir=str(out / "determinism")), args.target_accuracy)
+    return total, 1
+
+
+def _rows(kind: str, entries: list[dict]) -> list[dict]:
+    """One row per worker count of one scaling kind (one-worker runs serve both kinds)."""
+    rows = []
+    kind_entries = [e for e in entries if kind in e["scaling"]]
+    base_tta, base_workers = None, kind_entries[0]["workers"]
+    for e in kind_entries:
+        runs = e["runs"]
+        tta = spread([r["time_to_accuracy_s"] for r in runs])
+        row = {"scaling": kind, "workers": e["workers"], "batch_per_rank": e["batch_per_rank"],
+               "global_batch": e["global_batch"], "steps": runs[0]["steps"], "repeats": len(runs),
+               "reached": sum(r["time_to_accuracy_s"] is not None for r in runs),
+               "time_to_accuracy_s": tta}
+        for key in ("accuracy_at_target", "test_accuracy", "test_loss", "end_to_end_s", "samples_per_s",
+                    "bytes_counted", "bytes_measured", "measured_vs_counted"):
+            row[key] = spread([r[key] for r in runs])
+        row["load_avg_1m"] = spread([r["load_avg_1m_before"] for r in runs])
+        row["runs"] = runs
+        full = tta is not None and row["reached"] == row["repeats"]
+        if e is kind_entries[0] and full:
+            base_tta = tta["median"]
+        row["speedup"] = base_tta / tta["median"] if base_tta and full else None
+        row["efficiency"] = row["speedup"] / (e["workers"] / base_workers) if row["speedup"] else None
+        rows.append(row)
+    return rows
+
+
+def _determinism_checks(entries: list[dict]) -> list[dict]:
+    """Every repeat of a configuration must end with the same test accuracy and losses."""
+    checks = []
+    for e in entries:
+        group = e["runs"] + ([e["determinism_run"]] if "determinism_run" in e else [])
+        if len(group) > 1:
+            finals = {(r["test_accuracy"], r["test_loss"], r["train_loss"]) for r in group}
+            checks.append({"scaling": "/".join(e["scaling"]), "workers": e["workers"], "runs": len(group),
+                           "same": len(finals) == 1,
+                           "final": [{"test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
+                                      "train_loss": r["train_loss"]} for r in group]})
+    return checks
+
+
+def _settings(args, config0) -> dict:
+    """What was measured, on what: the table's header."""
+    from ..data import load_dataset, train_size
+
+    data = load_dataset(args.dataset, args.data_dir)
+    return {"model": args.model, "dataset": args.dataset, "sync": args.sync, "workers": args.workers,
+            "scaling": args.scaling, "repeats": args.repeats, "target_accuracy": args.target_accuracy,
+            "steps": None if args.epochs else (args.steps or DEFAULTS["steps"]), "epochs": args.epochs,
+            "batch_size": args.batch_size, "eval_every": args.eval_every, "seed": args.seed,
+            "lr": config0.lr, "momentum": config0.momentum, "tune_lr": args.tune_lr,
+            "train_samples": train_size(args.dataset, args.data_dir), "test_samples": len(data.y_test),
+            "input_shape": "x".join(map(str, data.input_shape)), "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu": _cpu_name()}
 
 
 def main(argv: list[str]) -> int:

@@ -74,12 +74,16 @@ class TorchDistCommunicator(Communicator):
         sender = self._call("recv", lambda t: dist.recv(t, peer, group=self.group, tag=tag), tensor)
         return self.global_ranks.index(sender)
 
+    def _post(self, op: str, start, tensor, peer: int, tag: int):
+        """``dist.isend`` or ``dist.irecv`` (``start``) of ``tensor`` with ``peer``: its request."""
+        try:
+            return start(tensor, self.global_ranks[peer], group=self.group, tag=tag)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise _lost(op, e) from e
+
     def _isend(self, tensor, dst, tag):
         moved = tensor if self._on_device(tensor) else tensor.to(self.device)
-        try:
-            work = dist.isend(moved, self.global_ranks[dst], group=self.group, tag=tag)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise _lost("isend", e) from e
+        work = self._post("isend", dist.isend, moved, dst, tag)
 
         def wait():
             self._wait_work(work, "isend", dst)
@@ -88,10 +92,7 @@ class TorchDistCommunicator(Communicator):
 
     def _irecv(self, tensor, src, tag):
         moved = tensor if self._on_device(tensor) else torch.empty_like(tensor, device=self.device)
-        try:
-            work = dist.irecv(moved, self.global_ranks[src], group=self.group, tag=tag)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise _lost("irecv", e) from e
+        work = self._post("irecv", dist.irecv, moved, src, tag)
 
         def wait():
             self._wait_work(work, "irecv", src)

@@ -30,6 +30,8 @@ the sums in the order they were started.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 import torch.distributed as dist
 
@@ -282,17 +284,10 @@ class CompressedCommunicator:
                                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         return self._thread
 
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def size(self) -> int:
-        return self.comm.size
-
-    @property
-    def stats(self):
-        return self.comm.stats
+    # what the communicator underneath knows: who this rank is, how many there are, what was sent
+    rank = property(attrgetter("comm.rank"))
+    size = property(attrgetter("comm.size"))
+    stats = property(attrgetter("comm.stats"))
 
     def over(self, comm) -> "CompressedCommunicator":
         """The same compressor (and its error feedback) over another communicator."""

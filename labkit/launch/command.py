@@ -92,24 +92,8 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
                               daemon=True) for r, path in enumerate(logs)]
     for t in tails:
         t.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    code = 0
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                code = failed[0]
-                break
-            if all(c == 0 for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"labkit: launch: timed out after {timeout:g} s; ending all ranks", file=sys.stderr)
-                code = 124
-                break
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        code = 130
+        code = _wait(procs, timeout)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -118,6 +102,31 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
         stop.set()
         for t in tails:
             t.join(2)
+    return _report(_rank_status(code, launcher, logs, logdir))
+
+
+def _wait(procs, timeout) -> int:
+    """Wait until every process ends well (0), one fails (its status), the timeout (124) or
+    Ctrl-C (130)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"labkit: launch: timed out after {timeout:g} s; ending all ranks", file=sys.stderr)
+                return 124
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _rank_status(code: int, launcher: str, logs: list[str], logdir: str) -> int:
+    """The failed rank's own status behind the launcher's (negative: killed by that signal)."""
     if launcher == "torchrun" and code not in (0, 124, 130):
         code = torchrun_root_cause(logs[0]) or code  # torchrun itself exits 1 whatever the rank's status
     elif launcher == "mpi" and code not in (0, 124, 130):
@@ -126,6 +135,11 @@ def _run(command, n, launcher, env, logdir, timeout) -> int:
             code = first
         elif code > 0 and mpiexec_signal(logs[0]) == code:
             code = -code  # MPICH's mpiexec exits N for a rank killed by signal N
+    return code
+
+
+def _report(code: int) -> int:
+    """Say how a rank failed; the exit status of ``labkit launch``."""
     if code < 0:  # killed by a signal: the shell's way of saying so
         print(f"labkit: launch: a rank failed (killed by signal {-code}, status {128 - code}); the others "
               "were ended", file=sys.stderr)

@@ -224,7 +224,6 @@ def run_search(config: NasConfig, progress: bool = False, log=print) -> dict:
 
 
 def _search(config, run, start, progress, log, data, net, table, parameter_count) -> dict:
-    shape = tuple(data.x_train.shape[1:])
     # the latency table: this machine's, or the one handed in (checked in run_search)
     if table is None:
         table = measure_table(net, threads=config.threads)
@@ -262,19 +261,7 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
                 except StopIteration:
                     arch_batches = _batches(data.x_train, data.y_train, a_idx, min(config.batch_size, len(a_idx)), g_a)
                     xa, ya = next(arch_batches)
-                net.set_mode("arch")
-                ce_a = F.cross_entropy(net(xa), ya)
-                form, term = latency_penalty(latency.expected(net), config.latency_weight, config.latency_form,
-                                             target)
-                arch_loss = ce_a + term if form == "add" else ce_a * term
-                old = [a.detach().clone() for a in net.arch_parameters()]
-                arch_opt.zero_grad()
-                weights_opt.zero_grad()
-                arch_loss.backward()
-                arch_opt.step()
-                for block, alpha in zip(net.blocks, old):
-                    block.rescale_pair(alpha)
-                weights_opt.zero_grad()
+                arch_loss = _architecture_step(net, xa, ya, latency, target, config, arch_opt, weights_opt)
             if bar:
                 bar.update(1)
             if step % 5 == 0:
@@ -291,7 +278,30 @@ def _search(config, run, start, progress, log, data, net, table, parameter_count
                             "architecture": net.derive(), "expected_latency_ms": float(latency.expected(net).detach())})
     if bar:
         bar.close()
+    return _retrain(config, run, start, log, data, net, latency, table, parameter_count, step)
 
+
+def _architecture_step(net, xa, ya, latency, target, config, arch_opt, weights_opt):
+    """One update of α on a held-out batch: two sampled paths per block, the gradient through
+    the gates, the latency term added or multiplied in; returns the loss."""
+    net.set_mode("arch")
+    ce_a = F.cross_entropy(net(xa), ya)
+    form, term = latency_penalty(latency.expected(net), config.latency_weight, config.latency_form, target)
+    arch_loss = ce_a + term if form == "add" else ce_a * term
+    old = [a.detach().clone() for a in net.arch_parameters()]
+    arch_opt.zero_grad()
+    weights_opt.zero_grad()
+    arch_loss.backward()
+    arch_opt.step()
+    for block, alpha in zip(net.blocks, old):
+        block.rescale_pair(alpha)
+    weights_opt.zero_grad()
+    return arch_loss
+
+
+def _retrain(config, run, start, log, data, net, latency, table, parameter_count, step) -> dict:
+    """Derive the architecture, train it from scratch, time it: the search's summary."""
+    shape = tuple(data.x_train.shape[1:])
     architecture = net.derive()
     predicted = latency.predict(architecture)
     log(f"labkit nas: derived {architecture}; predicted latency {predicted:.3f} ms; retraining from scratch")

@@ -68,20 +68,7 @@ class ParallelRun:
                 stashed = max(stashed, stats["stashed_peak"])
             last = step == ctx.total_steps
             if step % ctx.log_every == 0 or last:
-                mean_loss, accuracy = meter.read()
-                meter.last_loss = mean_loss
-                comm_s = sum(c.stats.comm_s for c in comms)
-                ctx.log_train(step, epoch, mean_loss, accuracy, meter.samples, bytes_sent=parallel.bytes_sent(),
-                              comm_s=comm_s, compute_s=max(0.0, ctx.timers.compute_s - comm_inside),
-                              grid=shape.as_dict())
-                record = getattr(parallel.sync, "last_record", None)
-                if record:
-                    ctx.event("buckets", step=step, data_index=grid.data_index, events=record,
-                              buckets=len(parallel.sync.buckets), overlapped=overlapped_buckets(record))
-                if stats:
-                    ctx.event("timeline", step=step, stage=grid.stage, data_index=grid.data_index,
-                              tensor_index=grid.tensor_index, span=stats["span"], events=stats["events"],
-                              bubble_fraction=stats["bubble_fraction"], stashed_peak=stats["stashed_peak"])
+                _log(ctx, parallel, step, epoch, meter, sum(c.stats.comm_s for c in comms), comm_inside, stats)
             evaluate = step % ctx.eval_every == 0 and not last
             save = last or (ctx.checkpoint_every and step % ctx.checkpoint_every == 0)
             if evaluate or save:
@@ -102,6 +89,24 @@ class ParallelRun:
                            stashed_peak=int(peak), microbatches=parallel.microbatches,
                            schedule=parallel.schedule if self.parallelism != "model" else "gpipe")
         return results
+
+
+def _log(ctx, parallel, step, epoch, meter, comm_s, comm_inside, stats) -> None:
+    """A ``train`` line, and the step's ``buckets`` and pipeline ``timeline`` events."""
+    grid = parallel.grid
+    mean_loss, accuracy = meter.read()
+    meter.last_loss = mean_loss
+    ctx.log_train(step, epoch, mean_loss, accuracy, meter.samples, bytes_sent=parallel.bytes_sent(),
+                  comm_s=comm_s, compute_s=max(0.0, ctx.timers.compute_s - comm_inside),
+                  grid=parallel.shape.as_dict())
+    record = getattr(parallel.sync, "last_record", None)
+    if record:
+        ctx.event("buckets", step=step, data_index=grid.data_index, events=record,
+                  buckets=len(parallel.sync.buckets), overlapped=overlapped_buckets(record))
+    if stats:
+        ctx.event("timeline", step=step, stage=grid.stage, data_index=grid.data_index,
+                  tensor_index=grid.tensor_index, span=stats["span"], events=stats["events"],
+                  bubble_fraction=stats["bubble_fraction"], stashed_peak=stats["stashed_peak"])
 
 
 def overlapped_buckets(record: list[dict]) -> int:

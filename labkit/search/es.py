@@ -181,12 +181,7 @@ def rank_main(run_dir: str) -> int:
         xb, yb = x_train[batch], y_train[batch]
         g_rank = torch.Generator().manual_seed((cfg.seed * 7919 + gen) * 1009 + comm.rank)
         indices = noise.sample_indices(cfg.pairs, dim, g_rank)
-        rows = torch.zeros(cfg.pairs, PAIR_FIELDS, dtype=torch.float64)
-        with torch.no_grad():
-            for k, i in enumerate(indices.tolist()):
-                eps = noise.get(i, dim)
-                rows[k] = torch.tensor([i, reward(theta + cfg.sigma * eps, xb, yb, shapes),
-                                        reward(theta - cfg.sigma * eps, xb, yb, shapes)], dtype=torch.float64)
+        rows = _antithetic_rewards(theta, noise, indices, cfg.sigma, xb, yb, shapes)
         before = comm.stats.bytes_sent
         everyone = torch.cat(comm.allgather(rows))  # the only message: (index, r+, r-) of every pair
         bytes_per_generation.append(comm.stats.bytes_sent - before)
@@ -203,11 +198,31 @@ def rank_main(run_dir: str) -> int:
                       "samples": 2 * len(everyone) * cfg.batch_size, "bytes_sent": comm.stats.bytes_sent}
             run.append_metrics(record)
             if gen % cfg.eval_every == 0 or gen == cfg.generations:
-                with torch.no_grad():
-                    out = forward(theta, x_test, shapes)
                 run.append_metrics({"t": time.time() - start, "kind": "eval", "rank": 0, "step": gen,
-                                    "accuracy": float((out.argmax(1) == y_test).float().mean()),
-                                    "loss": float(F.cross_entropy(out, y_test))})
+                                    **_test(theta, x_test, y_test, shapes)})
+    _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, _test(theta, x_test, y_test, shapes))
+    return 0
+
+
+def _antithetic_rewards(theta, noise, indices, sigma, xb, yb, shapes) -> torch.Tensor:
+    """(index, r(θ + σε), r(θ − σε)) of each of this rank's pairs: all it sends."""
+    rows = torch.zeros(len(indices), PAIR_FIELDS, dtype=torch.float64)
+    with torch.no_grad():
+        for k, i in enumerate(indices.tolist()):
+            eps = noise.get(i, len(theta))
+            rows[k] = torch.tensor([i, reward(theta + sigma * eps, xb, yb, shapes),
+                                    reward(theta - sigma * eps, xb, yb, shapes)], dtype=torch.float64)
+    return rows
+
+
+def _test(theta, x_test, y_test, shapes) -> dict:
+    with torch.no_grad():
+        out = forward(theta, x_test, shapes)
+    return {"accuracy": float((out.argmax(1) == y_test).float().mean()), "loss": float(F.cross_entropy(out, y_test))}
+
+
+def _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, test: dict) -> None:
+    """The ``finished`` event; every rank's θ compared; rank 0 writes the summary."""
     sent = comm.stats.bytes_sent
     run.append_metrics({"t": time.time() - start, "kind": "event", "event": "finished", "rank": comm.rank,
                         "bytes_sent": sent, "generations": cfg.generations,
@@ -217,13 +232,11 @@ def rank_main(run_dir: str) -> int:
     check = torch.tensor([float(theta.detach().double().sum()), float(sent)], dtype=torch.float64)
     gathered = torch.stack(comm.allgather(check))
     if comm.rank == 0:
-        with torch.no_grad():
-            out = forward(theta, x_test, shapes)
         same = bool(torch.allclose(gathered[:, 0], gathered[0, 0], rtol=0, atol=1e-9))
         params_bytes = 2 * (comm.size - 1) / comm.size * dim * 4  # an allreduce of fp32 gradients
         run.write_summary({
-            "status": "completed", "test_accuracy": float((out.argmax(1) == y_test).float().mean()),
-            "test_loss": float(F.cross_entropy(out, y_test)), "steps": cfg.generations,
+            "status": "completed", "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"], "steps": cfg.generations,
             "generations": cfg.generations, "wall_time_s": time.time() - start, "world_size": comm.size,
             "population": 2 * cfg.pairs * comm.size, "parameters": dim,
             "bytes_sent": int(gathered[:, 1].sum()), "bytes_sent_per_rank": [int(b) for b in gathered[:, 1]],
@@ -233,7 +246,6 @@ def rank_main(run_dir: str) -> int:
         })
     comm.barrier()
     comm.close()
-    return 0
 
 
 # --- the driver: `labkit es` ------------------------------------------------------------------------
