@@ -42,7 +42,7 @@ release: setup
 ## (most tests wait on processes starting up, so two at a time fill two cores; TEST_JOBS=0: one)
 TEST_JOBS ?= 2
 test: setup system-deps
-	$(BIN)/python -m pytest -q --durations=25 $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup)
+	$(BIN)/python -m pytest -q --durations=60 $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup)
 
 ## make test-fast: skip the slow end-to-end tests
 test-fast: setup
