@@ -70,21 +70,13 @@ def check_dead(report: dict, silent: bool = False) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_dead_peer_gives_peer_error_gloo(tmp_path, no_leftovers):
+@pytest.mark.parametrize("peer", ["dead", "silent"])
+def test_dead_or_silent_peer_gives_peer_error_gloo(tmp_path, no_leftovers, peer):
     out = tmp_path / "out"
     out.mkdir()
-    result = run_cli("launch", "-n", 2, "--timeout", 60, "--", PYTHON, RANK_SCRIPT, "dead", out, timeout=90)
+    result = run_cli("launch", "-n", 2, "--timeout", 60, "--", PYTHON, RANK_SCRIPT, peer, out, timeout=90)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    check_dead(json.loads((out / "rank-0.json").read_text()))
-
-
-@pytest.mark.timeout(120)
-def test_silent_peer_gives_peer_error_at_the_deadline_gloo(tmp_path, no_leftovers):
-    out = tmp_path / "out"
-    out.mkdir()
-    result = run_cli("launch", "-n", 2, "--timeout", 60, "--", PYTHON, RANK_SCRIPT, "silent", out, timeout=90)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    check_dead(json.loads((out / "rank-0.json").read_text()), silent=True)
+    check_dead(json.loads((out / "rank-0.json").read_text()), silent=peer == "silent")
 
 
 @pytest.mark.slow

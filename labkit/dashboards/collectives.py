@@ -34,6 +34,7 @@ from .common import (
     STYLE,
     WIDE,
     figure,
+    legend_outside,
     picture,
     png,
     read_json,
@@ -304,7 +305,7 @@ def model_png(n: int, measured: dict | None) -> bytes:
                 label=f"{LABELS[a]} (model)")
         rows = [r for r in measured["rows"] if r["algorithm"] == BENCH_NAMES[a]]
         ax.plot([r["bytes"] for r in rows], [r["time_us"] for r in rows], "o", color=color, label="measured")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend_outside(ax, grid=False)
     return png(fig)
 
 
@@ -359,8 +360,7 @@ def topology_png(schedules: dict, nbytes: float, gpus_per_node: int) -> bytes:
     ax.set(ylabel="modelled time (ms)",
            title=f"{nbytes / 2**20:g} MB over {n} GPUs on {nodes} node(s) of {gpus_per_node} "
                  f"(network {NETWORK[1] / 1e9:g} GB/s)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend_outside(ax)
     return png(fig)
 
 

@@ -29,6 +29,13 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def legend_outside(ax, grid: bool = True) -> None:
+    """Horizontal grid lines (unless ``grid`` is False), and the legend to the right of the plot."""
+    if grid:
+        ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
 def figure(width: float = 10, height: float = 4.5, dpi: int = 80) -> Figure:
     return Figure(figsize=(width, height), dpi=dpi)
 

@@ -27,6 +27,7 @@ from .common import (
     STYLE,
     WIDE,
     figure,
+    legend_outside,
     picture,
     png,
     read_json,
@@ -247,8 +248,7 @@ def memory_png(measured: dict | None, world: int) -> bytes:
     ax.set(ylabel="KiB per rank (one bar per rank)",
            title=f"measured on {n} gloo ranks, batch {measured['batch']}, {measured['microbatches']} micro-batches "
                  f"(load {measured['load_avg_1m']:.1f})")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend_outside(ax)
     return png(fig)
 
 
