@@ -285,26 +285,26 @@ def run_rank(run_dir: str) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     watch_launcher(run, meta, rank)
     print(f"labkit worker: rank {rank} on {socket.gethostname()} pid {os.getpid()}", flush=True)
-    comms: list = []  # the communicator once it is made: closed whatever happens
+    comm = None
     try:
-        return _train(run, meta, config, comms)
+        # deaths reported from here on are this launch's: no rank gets through init without all
+        since = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
+        comm = comm_pkg.init(config.backend, config.timeout)
+        return _train(run, meta, config, comm, since)
     except Stopped:
         return _stopped(run, meta, rank)
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the rank exits
         return _failed(run, meta, rank, e)
     finally:
-        for comm in comms:
+        if comm is not None:
             comm.close()
             _skip_finalize = _skip_finalize or bool(comm.lost)
 
 
-def _train(run: RunDir, meta: dict, config: RunConfig, comms: list) -> int:
-    """This rank's part of the run, from the communicator to the summary."""
+def _train(run: RunDir, meta: dict, config: RunConfig, comm, since: int) -> int:
+    """This rank's part of the run, on its communicator, to the summary (``since``: where
+    the metrics file ended before the communicator was made)."""
     global _skip_finalize, _finishing
-    # deaths reported from here on are this launch's: no rank gets through init without all
-    since = run.metrics_path.stat().st_size if run.metrics_path.exists() else 0
-    comm = comm_pkg.init(config.backend, config.timeout)
-    comms.append(comm)
     survives = SYNC_MODES.entry(config.sync).meta.get("survives_worker_loss", False)
     if survives:
         _learn_deaths(comm, run, since, follow_metrics=config.backend == "mpi")

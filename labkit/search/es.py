@@ -200,7 +200,7 @@ def rank_main(run_dir: str) -> int:
             if gen % cfg.eval_every == 0 or gen == cfg.generations:
                 run.append_metrics({"t": time.time() - start, "kind": "eval", "rank": 0, "step": gen,
                                     **_test(theta, x_test, y_test, shapes)})
-    _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, _test(theta, x_test, y_test, shapes))
+    _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, lambda: _test(theta, x_test, y_test, shapes))
     return 0
 
 
@@ -221,8 +221,9 @@ def _test(theta, x_test, y_test, shapes) -> dict:
     return {"accuracy": float((out.argmax(1) == y_test).float().mean()), "loss": float(F.cross_entropy(out, y_test))}
 
 
-def _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, test: dict) -> None:
-    """The ``finished`` event; every rank's θ compared; rank 0 writes the summary."""
+def _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, evaluate) -> None:
+    """The ``finished`` event; every rank's θ compared; rank 0 evaluates (``evaluate()``) and
+    writes the summary."""
     sent = comm.stats.bytes_sent
     run.append_metrics({"t": time.time() - start, "kind": "event", "event": "finished", "rank": comm.rank,
                         "bytes_sent": sent, "generations": cfg.generations,
@@ -232,6 +233,7 @@ def _finish(run, start, comm, cfg, theta, dim, bytes_per_generation, test: dict)
     check = torch.tensor([float(theta.detach().double().sum()), float(sent)], dtype=torch.float64)
     gathered = torch.stack(comm.allgather(check))
     if comm.rank == 0:
+        test = evaluate()
         same = bool(torch.allclose(gathered[:, 0], gathered[0, 0], rtol=0, atol=1e-9))
         params_bytes = 2 * (comm.size - 1) / comm.size * dim * 4  # an allreduce of fp32 gradients
         run.write_summary({
